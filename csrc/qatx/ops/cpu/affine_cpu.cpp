@@ -1,0 +1,239 @@
+// CPU kernels of the affine ops. The math is qatx/kernels/quant_math.h; this file only loops.
+//
+// Work is split into blocks of kBlock elements (a multiple of 8, so each block owns whole
+// bytes of the bit-packed mask) and the blocks into at::parallel_for chunks. Inside a block the
+// qparams are either one value (per-tensor, or the block lies in one channel / group) or
+// gathered into per-element arrays; both inner loops are plain float code that the compiler
+// vectorizes. The loops are compiled for AVX-512, AVX2 and baseline x86-64 and the best is
+// picked at load time (GCC target_clones), so one binary runs everywhere and uses the
+// machine's widest vectors.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "qatx/ops/affine_impl.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QATX_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QATX_CPU_CLONES
+#endif
+#define QATX_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace qatx {
+namespace ops {
+namespace {
+
+using math::QParamIndex;
+
+constexpr int64_t kBlock = 512;
+// Elements per parallel task: large enough that thread start-up stays negligible.
+constexpr int64_t kGrainBlocks = (1 << 15) / kBlock;
+
+struct UniformQParams {
+  float s, inv, z;
+  float scale(int64_t) const { return s; }
+  float inv_scale(int64_t) const { return inv; }
+  float zero_point(int64_t) const { return z; }
+};
+
+struct PerElementQParams {
+  float s[kBlock], inv[kBlock], z[kBlock];
+  float scale(int64_t j) const { return s[j]; }
+  float inv_scale(int64_t j) const { return inv[j]; }
+  float zero_point(int64_t j) const { return z[j]; }
+};
+
+struct QParamsCpu {
+  const float* scale;
+  const float* zero_point;
+  QParamIndex index;
+
+  // Calls block(p0, n, qparams) for every block in [block_begin, block_end).
+  template <typename BlockFn>
+  QATX_ALWAYS_INLINE void for_each_block(int64_t numel, int64_t block_begin, int64_t block_end, BlockFn&& block) const {
+    PerElementQParams gathered;
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const int64_t p0 = b * kBlock;
+      const int64_t n = std::min(kBlock, numel - p0);
+      if (index.channels == 1 || p0 / index.inner == (p0 + n - 1) / index.inner) {
+        const int64_t c = index(p0);
+        block(p0, n, UniformQParams{scale[c], 1.0f / scale[c], zero_point[c]});
+        continue;
+      }
+      // Walk the channel counter instead of dividing per element.
+      int64_t in_run = p0 % index.inner;
+      int64_t c = index(p0);
+      for (int64_t j = 0; j < n; ++j) {
+        gathered.s[j] = scale[c];
+        gathered.inv[j] = 1.0f / scale[c];
+        gathered.z[j] = zero_point[c];
+        if (++in_run == index.inner) {
+          in_run = 0;
+          if (++c == index.channels) c = 0;
+        }
+      }
+      block(p0, n, gathered);
+    }
+  }
+};
+
+template <typename T, bool kWithMask, typename QP>
+QATX_ALWAYS_INLINE void fake_quantize_block(const T* x, T* y, uint8_t* mask, int64_t n, const QP& qp, float qmin,
+                                            float qmax) {
+  uint8_t flags[kBlock];
+  for (int64_t j = 0; j < n; ++j) {
+    bool in_range;
+    y[j] = static_cast<T>(math::fake_quantize_value(static_cast<float>(x[j]), qp.scale(j), qp.inv_scale(j),
+                                                    qp.zero_point(j), qmin, qmax, in_range));
+    flags[j] = in_range;
+  }
+  if constexpr (kWithMask) {
+    for (int64_t j = n; j < ((n + 7) & ~int64_t(7)); ++j) flags[j] = 0;
+    for (int64_t b = 0; b < (n + 7) / 8; ++b) mask[b] = math::pack_bits8(flags + 8 * b);
+  }
+}
+
+template <typename T, bool kWithMask>
+QATX_CPU_CLONES void fake_quantize_blocks(const T* x, T* y, uint8_t* mask, int64_t numel, int64_t block_begin,
+                                          int64_t block_end, QParamsCpu qp, float qmin, float qmax) {
+  qp.for_each_block(numel, block_begin, block_end, [&](int64_t p0, int64_t n, const auto& q) {
+    fake_quantize_block<T, kWithMask>(x + p0, y + p0, kWithMask ? mask + p0 / 8 : nullptr, n, q, qmin, qmax);
+  });
+}
+
+template <typename T, typename Int>
+QATX_CPU_CLONES void quantize_blocks(const T* x, Int* out, int64_t numel, int64_t block_begin, int64_t block_end,
+                                     QParamsCpu qp, float qmin, float qmax, bool& saw_nan) {
+  bool nan = false;
+  qp.for_each_block(numel, block_begin, block_end, [&](int64_t p0, int64_t n, const auto& q) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = math::quantize_value(static_cast<float>(x[p0 + j]), q.inv_scale(j), q.zero_point(j), qmin, qmax);
+      nan |= v != v;
+      out[p0 + j] = math::saturate_cast<Int>(v);
+    }
+  });
+  saw_nan = nan;
+}
+
+template <typename Int, typename T>
+QATX_CPU_CLONES void dequantize_blocks(const Int* q, T* out, int64_t numel, int64_t block_begin, int64_t block_end,
+                                       QParamsCpu qp) {
+  qp.for_each_block(numel, block_begin, block_end, [&](int64_t p0, int64_t n, const auto& qpar) {
+    for (int64_t j = 0; j < n; ++j)
+      out[p0 + j] = static_cast<T>(math::dequantize_value(static_cast<float>(q[p0 + j]), qpar.scale(j), qpar.zero_point(j)));
+  });
+}
+
+template <typename T>
+QATX_CPU_CLONES void ste_backward_blocks(const T* grad, const uint8_t* mask, T* out, int64_t numel,
+                                         int64_t block_begin, int64_t block_end) {
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t p0 = b * kBlock;
+    const int64_t n = std::min(kBlock, numel - p0);
+    const uint8_t* m = mask + p0 / 8;
+    for (int64_t j = 0; j < n; ++j) out[p0 + j] = math::mask_bit(m[j >> 3], j & 7) ? grad[p0 + j] : T(0);
+  }
+}
+
+int64_t num_blocks(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
+
+QParamsCpu qparams_cpu(const at::Tensor& scale, const at::Tensor& zero_point, QParamIndex index) {
+  return {scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(), index};
+}
+
+// Calls fn(Int{}) for the integer dtypes the quantize ops produce.
+template <typename Fn>
+void dispatch_int_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kChar: return fn(int8_t{});
+    case at::kByte: return fn(uint8_t{});
+    case at::kShort: return fn(int16_t{});
+    case at::kInt: return fn(int32_t{});
+    default: TORCH_CHECK(false, "qatx: unsupported integer dtype ", dtype);
+  }
+}
+
+#define QATX_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+struct CpuBackend {
+  static constexpr bool kRunsKernels = true;
+  static constexpr bool kChecksValuesOnHost = true;
+
+  static void fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,
+                            const at::Tensor& zero_point, QParamIndex index, int64_t quant_min, int64_t quant_max) {
+    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+    const int64_t numel = x.numel();
+    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_fake_quantize_cpu", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      uint8_t* mp = mask.defined() ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+        if (mp)
+          fake_quantize_blocks<scalar_t, true>(xp, yp, mp, numel, b0, b1, qp, quant_min, quant_max);
+        else
+          fake_quantize_blocks<scalar_t, false>(xp, yp, nullptr, numel, b0, b1, qp, quant_min, quant_max);
+      });
+    });
+  }
+
+  static void quantize(const at::Tensor& x, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
+                       QParamIndex index, int64_t quant_min, int64_t quant_max) {
+    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+    const int64_t numel = x.numel();
+    std::atomic<bool> saw_nan{false};
+    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_quantize_cpu", [&] {
+      dispatch_int_dtype(out.scalar_type(), [&](auto int_tag) {
+        using Int = decltype(int_tag);
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        Int* qp_out = out.mutable_data_ptr<Int>();
+        at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+          bool nan = false;
+          quantize_blocks<scalar_t, Int>(xp, qp_out, numel, b0, b1, qp, quant_min, quant_max, nan);
+          if (nan) saw_nan = true;
+        });
+      });
+    });
+    TORCH_CHECK(!saw_nan, "qatx::quantize_*_affine: input contains NaN, which has no quantized value");
+  }
+
+  static void dequantize(const at::Tensor& q, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
+                         QParamIndex index) {
+    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+    const int64_t numel = q.numel();
+    QATX_DISPATCH_FLOAT(out.scalar_type(), "qatx_dequantize_cpu", [&] {
+      dispatch_int_dtype(q.scalar_type(), [&](auto int_tag) {
+        using Int = decltype(int_tag);
+        const Int* in = q.const_data_ptr<Int>();
+        scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+          dequantize_blocks<Int, scalar_t>(in, yp, numel, b0, b1, qp);
+        });
+      });
+    });
+  }
+
+  static void ste_backward(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
+    const int64_t numel = grad.numel();
+    QATX_DISPATCH_FLOAT(grad.scalar_type(), "qatx_ste_backward_cpu", [&] {
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      const uint8_t* mp = mask.const_data_ptr<uint8_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+        ste_backward_blocks<scalar_t>(gp, mp, op, numel, b0, b1);
+      });
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qatx, CPU, m) { AffineKernels<CpuBackend>::register_all(m); }
+
+}  // namespace ops
+}  // namespace qatx

@@ -1,0 +1,28 @@
+// The single TORCH_LIBRARY block: every qatx operator schema, grouped by family. Kernels are
+// registered per dispatch key in ops/{cpu,cuda,meta,autograd}/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(qatx, m) {
+  // --- Affine fake-quantize with fixed qparams; straight-through-estimator gradient. ---
+  // y = (clamp(rint(x / s) + z, quant_min, quant_max) - z) * s, rint = round half to even.
+  m.def("fake_quantize_per_tensor_affine(Tensor input, Tensor scale, Tensor zero_point, int quant_min, int quant_max) -> Tensor");
+  m.def("fake_quantize_per_channel_affine(Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max) -> Tensor");
+  m.def("fake_quantize_per_group_affine(Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max) -> Tensor");
+  // Forward for autograd: the output and the STE mask, one bit per element in memory order.
+  m.def("_fake_quantize_per_tensor_affine_with_mask(Tensor input, Tensor scale, Tensor zero_point, int quant_min, int quant_max) -> (Tensor output, Tensor mask)");
+  m.def("_fake_quantize_per_channel_affine_with_mask(Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max) -> (Tensor output, Tensor mask)");
+  m.def("_fake_quantize_per_group_affine_with_mask(Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max) -> (Tensor output, Tensor mask)");
+  // STE backward: grad_input = grad_output where the mask bit is set, else 0. grad_output must
+  // be dense in the forward output's memory order.
+  m.def("_fake_quantize_ste_backward(Tensor grad_output, Tensor mask) -> Tensor");
+
+  // --- Real quantize / dequantize: integer tensors for INT8 export. ---
+  // q = clamp(rint(x / s) + z, quant_min, quant_max) as dtype (int8, uint8, int16, int32).
+  m.def("quantize_per_tensor_affine(Tensor input, Tensor scale, Tensor zero_point, int quant_min, int quant_max, ScalarType dtype) -> Tensor");
+  m.def("quantize_per_channel_affine(Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, ScalarType dtype) -> Tensor");
+  m.def("quantize_per_group_affine(Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, ScalarType dtype) -> Tensor");
+  // y = (q - z) * s as output_dtype (float32 when None).
+  m.def("dequantize_per_tensor_affine(Tensor input, Tensor scale, Tensor zero_point, ScalarType? output_dtype=None) -> Tensor");
+  m.def("dequantize_per_channel_affine(Tensor input, Tensor scale, Tensor zero_point, int axis, ScalarType? output_dtype=None) -> Tensor");
+  m.def("dequantize_per_group_affine(Tensor input, Tensor scale, Tensor zero_point, int group_size, ScalarType? output_dtype=None) -> Tensor");
+}

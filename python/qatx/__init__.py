@@ -1,0 +1,34 @@
+"""qatx: quantization-aware training and post-training quantization for PyTorch.
+
+Importing qatx loads its operator library, which registers the ``torch.ops.qatx`` ops.
+"""
+import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
+
+from . import _C  # noqa: F401  registers torch.ops.qatx.*
+from . import ops
+from .ops import (
+    dequantize_per_channel_affine,
+    dequantize_per_group_affine,
+    dequantize_per_tensor_affine,
+    fake_quantize_per_channel_affine,
+    fake_quantize_per_group_affine,
+    fake_quantize_per_tensor_affine,
+    quantize_per_channel_affine,
+    quantize_per_group_affine,
+    quantize_per_tensor_affine,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "fake_quantize_per_tensor_affine",
+    "fake_quantize_per_channel_affine",
+    "fake_quantize_per_group_affine",
+    "quantize_per_tensor_affine",
+    "quantize_per_channel_affine",
+    "quantize_per_group_affine",
+    "dequantize_per_tensor_affine",
+    "dequantize_per_channel_affine",
+    "dequantize_per_group_affine",
+]
