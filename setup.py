@@ -27,6 +27,17 @@ def want_cuda():
     return torch.cuda.is_available()
 
 
+def nvidia_wheel_include_dirs():
+    """Headers of the CUDA libraries torch's wheel depends on (cuSPARSE, cuBLAS, ...), for CUDA
+    toolkits installed without them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(d for base in spec.submodule_search_locations for d in glob.glob(os.path.join(base, "*", "include")))
+
+
 def sources(pattern):
     return sorted(glob.glob(os.path.join("csrc", "qatx", "**", pattern), recursive=True))
 
@@ -42,7 +53,8 @@ def extension():
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"] + defines
-        return CUDAExtension("qatx._C", cpp + cuda, include_dirs=[os.path.join(ROOT, "csrc")],
+        return CUDAExtension("qatx._C", cpp + cuda,
+                             include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_wheel_include_dirs(),
                              extra_compile_args=args, define_macros=[("QATX_WITH_CUDA", "1")])
     return CppExtension("qatx._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=args)
 

@@ -6,6 +6,7 @@
 #include <c10/util/irange.h>
 
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace qatx {
@@ -26,32 +27,49 @@ void check_quant_range(int64_t quant_min, int64_t quant_max, const char* op) {
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min=", quant_min, " must be smaller than quant_max=", quant_max);
 }
 
-static std::pair<int64_t, int64_t> integer_range(at::ScalarType dtype, const char* op) {
+// "torch.int8" rather than c10's "Char": errors speak the user's language.
+static std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return c10::toString(dtype);
+  }
+}
+
+static std::pair<int64_t, int64_t> integer_range(at::ScalarType dtype, const char* op, const char* name) {
   switch (dtype) {
     case at::kChar: return {std::numeric_limits<int8_t>::lowest(), std::numeric_limits<int8_t>::max()};
     case at::kByte: return {0, std::numeric_limits<uint8_t>::max()};
     case at::kShort: return {std::numeric_limits<int16_t>::lowest(), std::numeric_limits<int16_t>::max()};
     case at::kInt: return {std::numeric_limits<int32_t>::lowest(), std::numeric_limits<int32_t>::max()};
     default:
-      TORCH_CHECK(false, op, ": dtype must be torch.int8, torch.uint8, torch.int16 or torch.int32, got ", dtype);
+      TORCH_CHECK(false, op, ": ", name, " must be torch.int8, torch.uint8, torch.int16 or torch.int32, got ",
+                  dtype_name(dtype));
   }
 }
 
 void check_quant_range_for_dtype(int64_t quant_min, int64_t quant_max, at::ScalarType dtype, const char* op) {
-  const auto [lo, hi] = integer_range(dtype, op);
+  const auto [lo, hi] = integer_range(dtype, op, "dtype");
   TORCH_CHECK(quant_min >= lo && quant_max <= hi, op, ": quant_min=", quant_min, " and quant_max=", quant_max,
-              " must lie inside the range of dtype ", dtype, ", [", lo, ", ", hi, "]");
+              " must lie inside the range of dtype ", dtype_name(dtype), ", [", lo, ", ", hi, "]");
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min=", quant_min, " must be smaller than quant_max=", quant_max);
 }
 
 void check_float_input(const at::Tensor& input, const char* op) {
   const auto t = input.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": input must be float32, float16 or bfloat16, got ", t);
+              ": input must be float32, float16 or bfloat16, got ", dtype_name(t));
 }
 
 void check_int_input(const at::Tensor& input, const char* op) {
-  integer_range(input.scalar_type(), op);  // errors with the allowed dtypes
+  integer_range(input.scalar_type(), op, "input");  // errors with the allowed dtypes
 }
 
 static void check_same_device(const at::Tensor& input, const at::Tensor& t, const char* name, const char* op) {
@@ -64,9 +82,9 @@ void check_qparams(const at::Tensor& input, const at::Tensor& scale, const at::T
   check_same_device(input, scale, "scale", op);
   check_same_device(input, zero_point, "zero_point", op);
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op, ": scale must have a floating dtype, got ",
-              scale.scalar_type());
+              dtype_name(scale.scalar_type()));
   TORCH_CHECK(at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false), op,
-              ": zero_point must have an integer dtype (e.g. torch.int32), got ", zero_point.scalar_type());
+              ": zero_point must have an integer dtype (e.g. torch.int32), got ", dtype_name(zero_point.scalar_type()));
   TORCH_CHECK(scale.sym_sizes() == zero_point.sym_sizes(), op, ": scale and zero_point must have the same shape, got ",
               scale.sym_sizes(), " and ", zero_point.sym_sizes());
   switch (g.kind) {

@@ -69,7 +69,7 @@ struct AffineKernels {
     check_int_input(input, op);
     const at::ScalarType dtype = output_dtype.value_or(at::kFloat);
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                ": output_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype);
+                ": output_dtype must be torch.float32, torch.float16 or torch.bfloat16, got ", c10::toString(dtype));
     check_qparams(input, scale, zero_point, g, op);
     Tensor out = empty_output_like(input, g, dtype);
     if constexpr (Backend::kRunsKernels) {
