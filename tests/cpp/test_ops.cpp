@@ -1,0 +1,600 @@
+// Tests of the qatx ops through the public C++ API (qatx/qatx.h, qatx::ops::...), linked
+// against the qatx library and libtorch like any user program:
+//   - fake-quantize per tensor / per channel bit-identical to ATen's fake_quantize_*_affine,
+//     per group bit-identical to a reference written as plain tensor ops;
+//   - quantize -> dequantize bit-identical to fake-quantize (int8, uint8, int16);
+//   - the straight-through-estimator gradient from C++, and double backward;
+//   - argument errors (c10::Error, naming the argument), Meta tensors, op registration.
+// All comparisons are exact (torch::equal), never with a tolerance.
+#include "qatx/qatx.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+struct QRange {
+  int64_t qmin, qmax;
+};
+const QRange kRanges[] = {{-128, 127}, {0, 255}, {-8, 7}, {0, 15}, {0, 1}, {-32768, 32767}};
+
+std::string describe(const QRange& r) { return "[" + std::to_string(r.qmin) + ", " + std::to_string(r.qmax) + "]"; }
+
+class OpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { torch::manual_seed(20240611); }
+};
+
+// Scales in [0.01, 0.1): with randn * 4 inputs, narrow ranges clamp often and int16 never.
+Tensor random_scale(at::IntArrayRef shape) { return torch::rand(shape) * 0.09f + 0.01f; }
+Tensor random_zero_point(at::IntArrayRef shape, const QRange& r) {
+  return torch::randint(r.qmin, r.qmax + 1, shape, torch::kInt);
+}
+Tensor random_input(at::IntArrayRef shape) { return torch::randn(shape) * 4.0f; }
+
+// Shape [1, ..., n, ..., 1] so that a per-channel qparam broadcasts along `axis`.
+Tensor along_axis(const Tensor& qparam, int64_t dim, int64_t axis) {
+  std::vector<int64_t> shape(dim, 1);
+  shape[axis] = qparam.numel();
+  return qparam.to(torch::kFloat).reshape(shape);
+}
+
+// ---- reference math as plain tensor ops (torch::round is round half to even) ----
+// The unclamped quantized value round(x * (1 / s)) + z, with s and z broadcast against x.
+Tensor ref_unclamped(const Tensor& x, const Tensor& s, const Tensor& z) {
+  return torch::round(x * s.reciprocal()) + z;
+}
+Tensor ref_fake_quantize(const Tensor& x, const Tensor& s, const Tensor& z, const QRange& r) {
+  return (torch::clamp(ref_unclamped(x, s, z), r.qmin, r.qmax) - z) * s;
+}
+Tensor ref_mask(const Tensor& x, const Tensor& s, const Tensor& z, const QRange& r) {
+  const Tensor q = ref_unclamped(x, s, z);
+  return (q >= r.qmin) & (q <= r.qmax);
+}
+// Per-group: reshape [..., n] into [..., n / group_size, group_size] and broadcast the
+// qparams of shape [..., n / group_size] over the last dimension.
+struct Grouped {
+  Tensor x, s, z;
+  std::vector<int64_t> sizes;
+};
+Grouped group(const Tensor& x, const Tensor& s, const Tensor& z, int64_t group_size) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  std::vector<int64_t> grouped = sizes;
+  grouped.back() = sizes.back() / group_size;
+  grouped.push_back(group_size);
+  return {x.reshape(grouped), s.to(torch::kFloat).unsqueeze(-1), z.to(torch::kFloat).unsqueeze(-1), sizes};
+}
+Tensor ref_fake_quantize_per_group(const Tensor& x, const Tensor& s, const Tensor& z, int64_t group_size,
+                                   const QRange& r) {
+  const Grouped g = group(x, s, z, group_size);
+  return ref_fake_quantize(g.x, g.s, g.z, r).reshape(g.sizes);
+}
+Tensor ref_mask_per_group(const Tensor& x, const Tensor& s, const Tensor& z, int64_t group_size, const QRange& r) {
+  const Grouped g = group(x, s, z, group_size);
+  return ref_mask(g.x, g.s, g.z, r).reshape(g.sizes);
+}
+
+// Unpacks the bit-packed STE mask (bit j of byte b = element 8 * b + j in memory order).
+Tensor unpack_mask(const Tensor& packed, int64_t numel) {
+  const Tensor bytes = packed.contiguous();
+  EXPECT_EQ(bytes.scalar_type(), torch::kByte);
+  EXPECT_EQ(bytes.numel(), (numel + 7) / 8);
+  Tensor out = torch::empty({numel}, torch::kBool);
+  const uint8_t* b = bytes.const_data_ptr<uint8_t>();
+  bool* o = out.mutable_data_ptr<bool>();
+  for (int64_t i = 0; i < numel; ++i) o[i] = (b[i / 8] >> (i % 8)) & 1;
+  return out;
+}
+
+Tensor masked(const Tensor& mask, const Tensor& g) { return torch::where(mask, g, torch::zeros_like(g)); }
+
+// The message of the c10::Error thrown by f (empty when nothing is thrown).
+template <typename F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+#define EXPECT_ERROR_MENTIONS(stmt, text)                                                        \
+  do {                                                                                          \
+    EXPECT_THROW(stmt, c10::Error);                                                              \
+    const std::string message_ = error_message([&] { stmt; });                                    \
+    EXPECT_NE(message_.find(text), std::string::npos) << "message: " << message_;              \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Registration and version
+// ---------------------------------------------------------------------------------------------
+
+TEST(Registration, SchemasAreFoundWithoutTorchScript) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  EXPECT_TRUE(dispatcher.findSchema({"qatx::fake_quantize_per_tensor_affine", ""}).has_value());
+  for (const char* name :
+       {"qatx::fake_quantize_per_channel_affine", "qatx::fake_quantize_per_group_affine",
+        "qatx::_fake_quantize_per_tensor_affine_with_mask", "qatx::_fake_quantize_per_channel_affine_with_mask",
+        "qatx::_fake_quantize_per_group_affine_with_mask", "qatx::_fake_quantize_ste_backward",
+        "qatx::quantize_per_tensor_affine", "qatx::quantize_per_channel_affine", "qatx::quantize_per_group_affine",
+        "qatx::dequantize_per_tensor_affine", "qatx::dequantize_per_channel_affine",
+        "qatx::dequantize_per_group_affine"}) {
+    EXPECT_TRUE(dispatcher.findSchema({name, ""}).has_value()) << name;
+  }
+  EXPECT_FALSE(dispatcher.findSchema({"qatx::no_such_op", ""}).has_value());
+}
+
+TEST(Registration, KernelsForCpuMetaAndAutograd) {
+  const auto op = c10::Dispatcher::singleton().findSchema({"qatx::fake_quantize_per_tensor_affine", ""});
+  ASSERT_TRUE(op.has_value());
+  EXPECT_TRUE(op->hasKernelForDispatchKey(c10::DispatchKey::CPU));
+  EXPECT_TRUE(op->hasKernelForDispatchKey(c10::DispatchKey::Meta));
+  EXPECT_TRUE(op->hasKernelForDispatchKey(c10::DispatchKey::AutogradCPU) ||
+              op->hasKernelForDispatchKey(c10::DispatchKey::Autograd));
+}
+
+TEST(Version, MatchesVersionFile) { EXPECT_EQ(qatx::version(), QATX_EXPECTED_VERSION_NUMBER); }
+
+// ---------------------------------------------------------------------------------------------
+// Fake-quantize forward against ATen and the reference
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, PerTensorMatchesATen) {
+  for (const QRange& r : kRanges) {
+    const Tensor x = random_input({1000});
+    const Tensor s = random_scale({1});
+    const Tensor z = random_zero_point({1}, r);
+    const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+    const Tensor expected = at::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+    EXPECT_EQ(y.scalar_type(), torch::kFloat);
+    EXPECT_EQ(y.sizes(), x.sizes());
+    EXPECT_TRUE(torch::equal(y, expected)) << describe(r);
+    EXPECT_TRUE(torch::equal(y, ref_fake_quantize(x, s, z.to(torch::kFloat), r))) << describe(r);
+  }
+}
+
+TEST_F(OpsTest, PerTensorTiesMatchATen) {
+  // x = (k + 1/2) * s lands on (or next to) a tie of x / s; both round half to even.
+  const QRange r{-128, 127};
+  for (const float scale : {0.5f, 0.25f, 0.1f, 0.03f}) {
+    const Tensor s = torch::full({1}, scale);
+    const Tensor z = torch::full({1}, 3, torch::kInt);
+    const Tensor x = (torch::arange(-140, 140, torch::kFloat) + 0.5f) * scale;
+    const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+    EXPECT_TRUE(torch::equal(y, at::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax))) << scale;
+  }
+}
+
+TEST_F(OpsTest, PerTensorMultiDimAndNonContiguousMatchATen) {
+  const QRange r{-128, 127};
+  const Tensor s = random_scale({1});
+  const Tensor z = random_zero_point({1}, r);
+  const Tensor base = random_input({4, 6, 5, 3});
+  for (const Tensor& x : {base, base.transpose(1, 3), base.slice(2, 0, 5, 2),
+                          base.contiguous(at::MemoryFormat::ChannelsLast)}) {
+    const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+    EXPECT_EQ(y.sizes(), x.sizes());
+    EXPECT_TRUE(torch::equal(y, at::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax)));
+  }
+}
+
+TEST_F(OpsTest, PerTensorLargeInputMatchesATen) {
+  // Large enough for several parallel chunks and a partial last block.
+  const QRange r{-128, 127};
+  const Tensor x = random_input({(1 << 17) + 13});
+  const Tensor s = random_scale({1});
+  const Tensor z = random_zero_point({1}, r);
+  EXPECT_TRUE(torch::equal(qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax),
+                           at::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax)));
+}
+
+TEST_F(OpsTest, PerChannelMatchesATen) {
+  const Tensor base = random_input({4, 8, 5, 6});
+  for (const QRange& r : kRanges) {
+    for (int64_t axis = -4; axis < 4; ++axis) {
+      const int64_t a = axis < 0 ? axis + 4 : axis;
+      const Tensor s = random_scale({base.size(a)});
+      const Tensor z = random_zero_point({base.size(a)}, r);
+      const Tensor y = qatx::ops::fake_quantize_per_channel_affine(base, s, z, axis, r.qmin, r.qmax);
+      const Tensor expected = at::fake_quantize_per_channel_affine(base, s, z, a, r.qmin, r.qmax);
+      EXPECT_TRUE(torch::equal(y, expected)) << describe(r) << " axis " << axis;
+      EXPECT_TRUE(torch::equal(y, ref_fake_quantize(base, along_axis(s, 4, a), along_axis(z, 4, a), r)))
+          << describe(r) << " axis " << axis;
+    }
+  }
+}
+
+TEST_F(OpsTest, PerChannelNonContiguousMatchesATen) {
+  const QRange r{-128, 127};
+  const Tensor base = random_input({3, 16, 7, 9});
+  for (const Tensor& x : {base.contiguous(at::MemoryFormat::ChannelsLast), base.transpose(0, 2),
+                          base.slice(3, 1, 9, 3)}) {
+    for (int64_t axis = 0; axis < 4; ++axis) {
+      const Tensor s = random_scale({x.size(axis)});
+      const Tensor z = random_zero_point({x.size(axis)}, r);
+      const Tensor y = qatx::ops::fake_quantize_per_channel_affine(x, s, z, axis, r.qmin, r.qmax);
+      EXPECT_TRUE(torch::equal(y, at::fake_quantize_per_channel_affine(x, s, z, axis, r.qmin, r.qmax)))
+          << "axis " << axis << " strides " << x.strides();
+    }
+  }
+}
+
+TEST_F(OpsTest, PerGroupMatchesReference) {
+  for (const QRange& r : kRanges) {
+    for (const int64_t group_size : {1, 4, 8, 32}) {
+      const Tensor x = random_input({6, 32});
+      const Tensor s = random_scale({6, 32 / group_size});
+      const Tensor z = random_zero_point({6, 32 / group_size}, r);
+      const Tensor y = qatx::ops::fake_quantize_per_group_affine(x, s, z, group_size, r.qmin, r.qmax);
+      EXPECT_EQ(y.sizes(), x.sizes());
+      EXPECT_TRUE(torch::equal(y, ref_fake_quantize_per_group(x, s, z, group_size, r)))
+          << describe(r) << " group_size " << group_size;
+    }
+  }
+}
+
+TEST_F(OpsTest, PerGroupMultiDimAndNonContiguousMatchReference) {
+  const QRange r{-8, 7};
+  const Tensor x = random_input({2, 3, 48});
+  const Tensor s = random_scale({2, 3, 3});
+  const Tensor z = random_zero_point({2, 3, 3}, r);
+  EXPECT_TRUE(torch::equal(qatx::ops::fake_quantize_per_group_affine(x, s, z, 16, r.qmin, r.qmax),
+                           ref_fake_quantize_per_group(x, s, z, 16, r)));
+  // A transposed input: groups still run along its (logical) last dimension.
+  const Tensor xt = random_input({64, 5}).t();  // [5, 64], not contiguous
+  const Tensor st = random_scale({5, 4});
+  const Tensor zt = random_zero_point({5, 4}, r);
+  EXPECT_TRUE(torch::equal(qatx::ops::fake_quantize_per_group_affine(xt, st, zt, 16, r.qmin, r.qmax),
+                           ref_fake_quantize_per_group(xt, st, zt, 16, r)));
+}
+
+TEST_F(OpsTest, NaNStaysNaNAndInfinitySaturates) {
+  const QRange r{-128, 127};
+  const Tensor x = torch::tensor({std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                                  -std::numeric_limits<float>::infinity(), 1.0f});
+  const Tensor s = torch::full({1}, 0.5f);
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+  EXPECT_TRUE(std::isnan(y[0].item<float>()));
+  EXPECT_EQ(y[1].item<float>(), 63.5f);   // quant_max * scale
+  EXPECT_EQ(y[2].item<float>(), -64.0f);  // quant_min * scale
+  EXPECT_EQ(y[3].item<float>(), 1.0f);
+}
+
+TEST_F(OpsTest, EmptyInput) {
+  const Tensor x = torch::empty({0, 4});
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, torch::ones({1}), torch::zeros({1}, torch::kInt),
+                                                              -128, 127);
+  EXPECT_EQ(y.sizes(), x.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mask ops and the STE backward kernel
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, WithMaskOpsReturnOutputAndPackedMask) {
+  const QRange r{-8, 7};
+  const Tensor x = random_input({5, 13});  // 65 elements: a partial last mask byte
+  {
+    const Tensor s = random_scale({1});
+    const Tensor z = random_zero_point({1}, r);
+    auto [y, mask] = qatx::ops::_fake_quantize_per_tensor_affine_with_mask(x, s, z, r.qmin, r.qmax);
+    EXPECT_TRUE(torch::equal(y, qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax)));
+    const Tensor expected = ref_mask(x, s, z.to(torch::kFloat), r).reshape({-1});
+    EXPECT_TRUE(torch::equal(unpack_mask(mask, x.numel()), expected));
+    const Tensor g = torch::randn_like(x);
+    EXPECT_TRUE(torch::equal(qatx::ops::_fake_quantize_ste_backward(g, mask), masked(expected.view_as(x), g)));
+  }
+  {
+    const Tensor s = random_scale({13});
+    const Tensor z = random_zero_point({13}, r);
+    auto [y, mask] = qatx::ops::_fake_quantize_per_channel_affine_with_mask(x, s, z, 1, r.qmin, r.qmax);
+    EXPECT_TRUE(torch::equal(y, qatx::ops::fake_quantize_per_channel_affine(x, s, z, 1, r.qmin, r.qmax)));
+    const Tensor expected = ref_mask(x, along_axis(s, 2, 1), along_axis(z, 2, 1), r).reshape({-1});
+    EXPECT_TRUE(torch::equal(unpack_mask(mask, x.numel()), expected));
+  }
+  {
+    const Tensor xg = random_input({5, 12});
+    const Tensor s = random_scale({5, 3});
+    const Tensor z = random_zero_point({5, 3}, r);
+    auto [y, mask] = qatx::ops::_fake_quantize_per_group_affine_with_mask(xg, s, z, 4, r.qmin, r.qmax);
+    EXPECT_TRUE(torch::equal(y, ref_fake_quantize_per_group(xg, s, z, 4, r)));
+    EXPECT_TRUE(torch::equal(unpack_mask(mask, xg.numel()), ref_mask_per_group(xg, s, z, 4, r).reshape({-1})));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize / dequantize
+// ---------------------------------------------------------------------------------------------
+
+struct IntCase {
+  torch::ScalarType dtype;
+  QRange range;
+};
+const IntCase kIntCases[] = {
+    {torch::kChar, {-128, 127}}, {torch::kByte, {0, 255}}, {torch::kShort, {-32768, 32767}}, {torch::kChar, {-8, 7}}};
+
+TEST_F(OpsTest, QuantizeDequantizeEqualsFakeQuantizePerTensor) {
+  for (const IntCase& c : kIntCases) {
+    const QRange& r = c.range;
+    const Tensor x = random_input({33, 17});
+    const Tensor s = random_scale({1});
+    const Tensor z = random_zero_point({1}, r);
+    const Tensor q = qatx::ops::quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax, c.dtype);
+    EXPECT_EQ(q.scalar_type(), c.dtype);
+    EXPECT_TRUE(torch::equal(q, torch::clamp(ref_unclamped(x, s, z.to(torch::kFloat)), r.qmin, r.qmax).to(c.dtype)))
+        << describe(r);
+    const Tensor d = qatx::ops::dequantize_per_tensor_affine(q, s, z);
+    EXPECT_EQ(d.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(d, qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax))) << describe(r);
+  }
+}
+
+TEST_F(OpsTest, QuantizeDequantizeEqualsFakeQuantizePerChannel) {
+  for (const IntCase& c : kIntCases) {
+    const QRange& r = c.range;
+    const Tensor x = random_input({6, 7, 8});
+    for (int64_t axis = 0; axis < 3; ++axis) {
+      const Tensor s = random_scale({x.size(axis)});
+      const Tensor z = random_zero_point({x.size(axis)}, r);
+      const Tensor q = qatx::ops::quantize_per_channel_affine(x, s, z, axis, r.qmin, r.qmax, c.dtype);
+      EXPECT_EQ(q.scalar_type(), c.dtype);
+      const Tensor expected_q =
+          torch::clamp(ref_unclamped(x, along_axis(s, 3, axis), along_axis(z, 3, axis)), r.qmin, r.qmax);
+      EXPECT_TRUE(torch::equal(q, expected_q.to(c.dtype))) << describe(r) << " axis " << axis;
+      const Tensor d = qatx::ops::dequantize_per_channel_affine(q, s, z, axis);
+      EXPECT_TRUE(torch::equal(d, qatx::ops::fake_quantize_per_channel_affine(x, s, z, axis, r.qmin, r.qmax)))
+          << describe(r) << " axis " << axis;
+    }
+  }
+}
+
+TEST_F(OpsTest, QuantizeDequantizeEqualsFakeQuantizePerGroup) {
+  for (const IntCase& c : kIntCases) {
+    const QRange& r = c.range;
+    const Tensor x = random_input({4, 3, 64});
+    const Tensor s = random_scale({4, 3, 4});
+    const Tensor z = random_zero_point({4, 3, 4}, r);
+    const Tensor q = qatx::ops::quantize_per_group_affine(x, s, z, 16, r.qmin, r.qmax, c.dtype);
+    EXPECT_EQ(q.scalar_type(), c.dtype);
+    const Grouped g = group(x, s, z, 16);
+    const Tensor expected_q = torch::clamp(ref_unclamped(g.x, g.s, g.z), r.qmin, r.qmax).reshape(g.sizes);
+    EXPECT_TRUE(torch::equal(q, expected_q.to(c.dtype))) << describe(r);
+    const Tensor d = qatx::ops::dequantize_per_group_affine(q, s, z, 16);
+    EXPECT_TRUE(torch::equal(d, qatx::ops::fake_quantize_per_group_affine(x, s, z, 16, r.qmin, r.qmax)))
+        << describe(r);
+  }
+}
+
+TEST_F(OpsTest, QuantizeInt32AndDequantizeOutputDtype) {
+  const Tensor x = random_input({100});
+  const Tensor s = random_scale({1});
+  const Tensor z = torch::full({1}, -5, torch::kInt);
+  const Tensor q = qatx::ops::quantize_per_tensor_affine(x, s, z, -1000, 1000, torch::kInt);
+  EXPECT_EQ(q.scalar_type(), torch::kInt);
+  EXPECT_TRUE(torch::equal(q, torch::clamp(ref_unclamped(x, s, z.to(torch::kFloat)), -1000, 1000).to(torch::kInt)));
+  const Tensor d = qatx::ops::dequantize_per_tensor_affine(q, s, z, torch::kHalf);
+  EXPECT_EQ(d.scalar_type(), torch::kHalf);
+  EXPECT_TRUE(torch::equal(d, ((q.to(torch::kFloat) - z.to(torch::kFloat)) * s).to(torch::kHalf)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd from C++: straight-through estimator
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, BackwardPerTensorIsMaskedGradient) {
+  const QRange r{-128, 127};
+  // Scale 0.02 represents only [-2.56, 2.54]: many of the randn * 4 inputs are clamped.
+  const Tensor s = torch::full({1}, 0.02f);
+  const Tensor z = torch::full({1}, 1, torch::kInt);
+  Tensor x = random_input({64, 16}).requires_grad_();
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+  ASSERT_TRUE(y.requires_grad());
+  const Tensor g = torch::randn_like(y);
+  y.backward(g);
+  const Tensor mask = ref_mask(x.detach(), s, z.to(torch::kFloat), r);
+  ASSERT_GT(mask.sum().item<int64_t>(), 0);
+  ASSERT_LT(mask.sum().item<int64_t>(), mask.numel());  // both branches of the STE occur
+  ASSERT_TRUE(x.grad().defined());
+  EXPECT_TRUE(torch::equal(x.grad(), masked(mask, g)));
+  EXPECT_TRUE(torch::equal(x.grad(), g * mask.to(torch::kFloat)));  // -0 == 0 for equal
+}
+
+TEST_F(OpsTest, BackwardPerChannelIsMaskedGradient) {
+  const QRange r{0, 15};
+  const Tensor s = random_scale({8}) * 4.0f;
+  const Tensor z = random_zero_point({8}, r);
+  Tensor x = random_input({3, 8, 10}).requires_grad_();
+  const Tensor y = qatx::ops::fake_quantize_per_channel_affine(x, s, z, 1, r.qmin, r.qmax);
+  const Tensor g = torch::randn_like(y);
+  y.backward(g);
+  EXPECT_TRUE(torch::equal(x.grad(), masked(ref_mask(x.detach(), along_axis(s, 3, 1), along_axis(z, 3, 1), r), g)));
+}
+
+TEST_F(OpsTest, BackwardPerGroupIsMaskedGradient) {
+  const QRange r{-8, 7};
+  const Tensor s = random_scale({4, 4}) * 4.0f;
+  const Tensor z = random_zero_point({4, 4}, r);
+  Tensor x = random_input({4, 32}).requires_grad_();
+  const Tensor y = qatx::ops::fake_quantize_per_group_affine(x, s, z, 8, r.qmin, r.qmax);
+  const Tensor g = torch::randn_like(y);
+  y.backward(g);
+  EXPECT_TRUE(torch::equal(x.grad(), masked(ref_mask_per_group(x.detach(), s, z, 8, r), g)));
+}
+
+TEST_F(OpsTest, BackwardThroughNonContiguousInputAndGradient) {
+  const QRange r{-8, 7};
+  const Tensor s = torch::full({1}, 0.3f);
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  Tensor leaf = random_input({16, 8}).requires_grad_();
+  const Tensor x = leaf.t();  // [8, 16], transposed
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+  const Tensor g = torch::randn({16, 8}).t();  // transposed like y
+  y.backward(g);
+  const Tensor mask = ref_mask(x.detach(), s, z.to(torch::kFloat), r);
+  EXPECT_TRUE(torch::equal(leaf.grad(), masked(mask, g).t()));
+  // Same with a contiguous gradient against a transposed output.
+  leaf.mutable_grad().reset();
+  const Tensor y2 = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+  const Tensor g2 = torch::randn({8, 16});
+  y2.backward(g2);
+  EXPECT_TRUE(torch::equal(leaf.grad(), masked(mask, g2).t()));
+}
+
+TEST_F(OpsTest, NoGradientForQParams) {
+  const QRange r{-128, 127};
+  const Tensor s = torch::full({1}, 0.05f).requires_grad_();
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  Tensor x = random_input({40}).requires_grad_();
+  qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax).sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+  EXPECT_FALSE(s.grad().defined());
+}
+
+TEST_F(OpsTest, NoGraphWithoutGradMode) {
+  Tensor x = random_input({10}).requires_grad_();
+  torch::NoGradGuard no_grad;
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, torch::full({1}, 0.1f),
+                                                              torch::zeros({1}, torch::kInt), -128, 127);
+  EXPECT_FALSE(y.requires_grad());
+}
+
+TEST_F(OpsTest, DoubleBackwardGivesTheMaskAgain) {
+  const QRange r{-128, 127};
+  const Tensor s = torch::full({1}, 0.02f);
+  const Tensor z = torch::full({1}, -3, torch::kInt);
+  Tensor x = random_input({12, 20}).requires_grad_();
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, r.qmin, r.qmax);
+  const Tensor mask = ref_mask(x.detach(), s, z.to(torch::kFloat), r);
+
+  // First backward with create_graph: grad_x = mask * g, differentiable in g.
+  const Tensor g = torch::randn_like(y).requires_grad_();
+  const Tensor grad_x =
+      torch::autograd::grad({y}, {x}, {g}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+  EXPECT_TRUE(torch::equal(grad_x, masked(mask, g.detach())));
+  ASSERT_TRUE(grad_x.requires_grad());
+
+  // Second backward: d(sum(grad_x * v)) / dg = mask * v; with v = 1 it is the mask itself.
+  const Tensor ones = torch::ones_like(grad_x);
+  const Tensor grad_g = torch::autograd::grad({grad_x}, {g}, {ones}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+  EXPECT_TRUE(torch::equal(grad_g, mask.to(torch::kFloat)));
+  const Tensor v = torch::randn_like(grad_x);
+  const Tensor grad_g_v = torch::autograd::grad({grad_x}, {g}, {v})[0];
+  EXPECT_TRUE(torch::equal(grad_g_v, masked(mask, v)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument errors
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, ErrorQuantMinNotBelowQuantMax) {
+  const Tensor x = random_input({8});
+  const Tensor s = torch::full({1}, 0.1f);
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, z, 5, 5), "quant_min");
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, z, 10, 3), "quant_min");
+  EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_tensor_affine(x, s, z, 0, 0, torch::kChar), "quant_min");
+  // Beyond 16 bits for fake-quantize, beyond the dtype for quantize.
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, z, -40000, 10), "quant_min");
+  EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_tensor_affine(x, s, z, -1, 255, torch::kByte), "quant_min");
+  EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_tensor_affine(x, s, z, -128, 127, torch::kFloat), "dtype");
+}
+
+TEST_F(OpsTest, ErrorScaleNotPositive) {
+  const Tensor x = random_input({8});
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  for (const float bad : {0.0f, -0.1f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                          std::numeric_limits<float>::denorm_min()}) {
+    const Tensor s = torch::full({1}, bad);
+    EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, z, -128, 127), "scale");
+    EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_tensor_affine(x, s, z, -128, 127, torch::kChar), "scale");
+  }
+  const Tensor s_channel = torch::tensor({0.1f, 0.0f, 0.2f});
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_channel_affine(random_input({2, 3}), s_channel,
+                                                                    torch::zeros({3}, torch::kInt), 1, -128, 127),
+                        "scale");
+}
+
+TEST_F(OpsTest, ErrorZeroPointOutOfRange) {
+  const Tensor x = random_input({8});
+  const Tensor s = torch::full({1}, 0.1f);
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, torch::full({1}, 128, torch::kInt), -128, 127),
+                        "zero_point");
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, torch::full({1}, -1, torch::kInt), 0, 255),
+                        "zero_point");
+  EXPECT_ERROR_MENTIONS(
+      qatx::ops::quantize_per_channel_affine(random_input({2, 3}), torch::full({3}, 0.1f),
+                                             torch::tensor({0, 16, 3}, torch::kInt), 1, 0, 15, torch::kByte),
+      "zero_point");
+  // A float zero point is rejected by dtype.
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(x, s, torch::zeros({1}), -128, 127), "zero_point");
+}
+
+TEST_F(OpsTest, ErrorAxisOutOfRange) {
+  const Tensor x = random_input({2, 3, 4});
+  const Tensor s = torch::full({3}, 0.1f);
+  const Tensor z = torch::zeros({3}, torch::kInt);
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_channel_affine(x, s, z, 3, -128, 127), "axis");
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_channel_affine(x, s, z, -4, -128, 127), "axis");
+  EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_channel_affine(x, s, z, 7, -128, 127, torch::kChar), "axis");
+  EXPECT_ERROR_MENTIONS(qatx::ops::dequantize_per_channel_affine(torch::zeros({2, 3, 4}, torch::kChar), s, z, 3),
+                        "axis");
+  // In range, but the qparams do not match the size of that axis.
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_channel_affine(x, s, z, 2, -128, 127), "axis");
+  EXPECT_NO_THROW(qatx::ops::fake_quantize_per_channel_affine(x, s, z, -2, -128, 127));
+}
+
+TEST_F(OpsTest, ErrorGroupSizeNotDividing) {
+  const Tensor x = random_input({3, 10});
+  const Tensor s = torch::full({3, 2}, 0.1f);
+  const Tensor z = torch::zeros({3, 2}, torch::kInt);
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_group_affine(x, s, z, 4, -128, 127), "group_size");
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_group_affine(x, s, z, 3, -128, 127), "group_size");
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_group_affine(x, s, z, 0, -128, 127), "group_size");
+  EXPECT_ERROR_MENTIONS(qatx::ops::quantize_per_group_affine(x, s, z, 4, -128, 127, torch::kChar), "group_size");
+  // group_size 5 divides 10 and matches the qparam shape [3, 2].
+  EXPECT_NO_THROW(qatx::ops::fake_quantize_per_group_affine(x, s, z, 5, -128, 127));
+}
+
+TEST_F(OpsTest, ErrorInputDtype) {
+  const Tensor s = torch::full({1}, 0.1f);
+  const Tensor z = torch::zeros({1}, torch::kInt);
+  EXPECT_ERROR_MENTIONS(qatx::ops::fake_quantize_per_tensor_affine(torch::zeros({4}, torch::kInt), s, z, -128, 127),
+                        "input");
+  EXPECT_ERROR_MENTIONS(qatx::ops::dequantize_per_tensor_affine(torch::zeros({4}), s, z), "input");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta tensors: shapes only
+// ---------------------------------------------------------------------------------------------
+
+TEST(Meta, ShapesAndDtypes) {
+  const auto meta = torch::TensorOptions().device(torch::kMeta);
+  const Tensor x = torch::empty({4, 6, 8}, meta);
+  const Tensor y = qatx::ops::fake_quantize_per_channel_affine(x, torch::empty({6}, meta),
+                                                               torch::empty({6}, meta.dtype(torch::kInt)), 1, -128, 127);
+  EXPECT_TRUE(y.is_meta());
+  EXPECT_EQ(y.sizes(), x.sizes());
+  auto [out, mask] = qatx::ops::_fake_quantize_per_group_affine_with_mask(
+      x, torch::empty({4, 6, 2}, meta), torch::empty({4, 6, 2}, meta.dtype(torch::kInt)), 4, -8, 7);
+  EXPECT_EQ(out.sizes(), x.sizes());
+  EXPECT_EQ(mask.numel(), (x.numel() + 7) / 8);
+  EXPECT_EQ(mask.scalar_type(), torch::kByte);
+  const Tensor q = qatx::ops::quantize_per_tensor_affine(x, torch::empty({1}, meta),
+                                                         torch::empty({1}, meta.dtype(torch::kInt)), 0, 255, torch::kByte);
+  EXPECT_TRUE(q.is_meta());
+  EXPECT_EQ(q.scalar_type(), torch::kByte);
+  EXPECT_THROW(qatx::ops::fake_quantize_per_group_affine(x, torch::empty({4, 6, 2}, meta),
+                                                         torch::empty({4, 6, 2}, meta.dtype(torch::kInt)), 3, -8, 7),
+               c10::Error);
+}
+
+}  // namespace

@@ -1,0 +1,349 @@
+// Unit tests of qatx/kernels/quant_math.h, the torch-free math shared by the CPU and CUDA
+// kernels. This file links GoogleTest only: no libtorch. All comparisons are exact (bitwise
+// for floats), never with a tolerance.
+#include "qatx/kernels/quant_math.h"
+
+#include <gtest/gtest.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+using namespace qatx::math;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+uint32_t bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+// Bitwise float equality: tells -0 from +0, and needs no tolerance.
+#define EXPECT_FLOAT_BITS_EQ(actual, expected) EXPECT_EQ(bits(actual), bits(expected)) << (actual) << " vs " << (expected)
+
+TEST(RoundHalfEven, Ties) {
+  EXPECT_FLOAT_BITS_EQ(round_half_even(0.5f), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(1.5f), 2.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(2.5f), 2.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(3.5f), 4.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-0.5f), -0.0f);
+  EXPECT_TRUE(std::signbit(round_half_even(-0.5f)));
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-1.5f), -2.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-2.5f), -2.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-3.5f), -4.0f);
+}
+
+TEST(RoundHalfEven, NonTies) {
+  EXPECT_FLOAT_BITS_EQ(round_half_even(0.49999997f), 0.0f);  // largest float below 0.5
+  EXPECT_FLOAT_BITS_EQ(round_half_even(0.50000006f), 1.0f);  // smallest float above 0.5
+  EXPECT_FLOAT_BITS_EQ(round_half_even(2.4f), 2.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(2.6f), 3.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-2.6f), -3.0f);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(8388609.0f), 8388609.0f);  // 2^23 + 1: already integral
+  EXPECT_FLOAT_BITS_EQ(round_half_even(kInf), kInf);
+  EXPECT_FLOAT_BITS_EQ(round_half_even(-kInf), -kInf);
+  EXPECT_TRUE(std::isnan(round_half_even(kNaN)));
+}
+
+TEST(QuantizeValue, RoundsAndAddsZeroPoint) {
+  // inv_scale 4 (scale 0.25), zero point 10, range [0, 255].
+  EXPECT_FLOAT_BITS_EQ(quantize_value(1.0f, 4.0f, 10.0f, 0.0f, 255.0f), 14.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(0.125f, 4.0f, 10.0f, 0.0f, 255.0f), 10.0f);   // 0.5 -> 0
+  EXPECT_FLOAT_BITS_EQ(quantize_value(0.375f, 4.0f, 10.0f, 0.0f, 255.0f), 12.0f);   // 1.5 -> 2
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-0.375f, 4.0f, 10.0f, 0.0f, 255.0f), 8.0f);   // -1.5 -> -2
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-2.5f, 4.0f, 10.0f, 0.0f, 255.0f), 0.0f);     // exactly quant_min
+  EXPECT_FLOAT_BITS_EQ(quantize_value(61.25f, 4.0f, 10.0f, 0.0f, 255.0f), 255.0f);  // exactly quant_max
+}
+
+TEST(QuantizeValue, Clamps) {
+  EXPECT_FLOAT_BITS_EQ(quantize_value(1000.0f, 1.0f, 0.0f, -128.0f, 127.0f), 127.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-1000.0f, 1.0f, 0.0f, -128.0f, 127.0f), -128.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(127.5f, 1.0f, 0.0f, -128.0f, 127.0f), 127.0f);   // 128 (even) -> 127
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-128.5f, 1.0f, 0.0f, -128.0f, 127.0f), -128.0f);  // -128 (even)
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-129.0f, 1.0f, 0.0f, -128.0f, 127.0f), -128.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-1.0f, 1.0f, 5.0f, 0.0f, 15.0f), 4.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-6.0f, 1.0f, 5.0f, 0.0f, 15.0f), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(11.0f, 1.0f, 5.0f, 0.0f, 15.0f), 15.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(1e30f, 1e10f, 0.0f, -32768.0f, 32767.0f), 32767.0f);
+}
+
+TEST(QuantizeValue, NaNPropagates) {
+  EXPECT_TRUE(std::isnan(quantize_value(kNaN, 1.0f, 0.0f, -128.0f, 127.0f)));
+  EXPECT_TRUE(std::isnan(quantize_value(kNaN, 0.5f, 3.0f, 0.0f, 255.0f)));
+  EXPECT_TRUE(std::isnan(quantize_unclamped(kNaN, 1.0f, 0.0f)));
+  EXPECT_TRUE(std::isnan(clamp_nan_propagating(kNaN, 0.0f, 1.0f)));
+}
+
+TEST(QuantizeValue, InfinitySaturates) {
+  EXPECT_FLOAT_BITS_EQ(quantize_value(kInf, 1.0f, 0.0f, -128.0f, 127.0f), 127.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-kInf, 1.0f, 0.0f, -128.0f, 127.0f), -128.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(kInf, 0.01f, 7.0f, 0.0f, 255.0f), 255.0f);
+  EXPECT_FLOAT_BITS_EQ(quantize_value(-kInf, 0.01f, 7.0f, 0.0f, 255.0f), 0.0f);
+}
+
+TEST(InQuantRange, Boundaries) {
+  EXPECT_TRUE(in_quant_range(-128.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(in_quant_range(127.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(in_quant_range(0.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(in_quant_range(-0.0f, 0.0f, 255.0f));
+  EXPECT_FALSE(in_quant_range(-129.0f, -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(128.0f, -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(std::nextafter(127.0f, kInf), -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(std::nextafter(-128.0f, -kInf), -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(kInf, -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(-kInf, -128.0f, 127.0f));
+}
+
+TEST(InQuantRange, NaNIsOutside) {
+  EXPECT_FALSE(in_quant_range(kNaN, -128.0f, 127.0f));
+  EXPECT_FALSE(in_quant_range(kNaN, -kInf, kInf));
+}
+
+TEST(FakeQuantizeValue, ValueAndMaskBit) {
+  // scale 0.5, inv_scale 2, zero point 3, range [0, 15]: representable [-1.5, 6].
+  const float s = 0.5f, inv = 2.0f, z = 3.0f, lo = 0.0f, hi = 15.0f;
+  struct Case {
+    float x, y;
+    bool in_range;
+  };
+  const Case cases[] = {
+      {1.0f, 1.0f, true},       // q = 5
+      {0.25f, 0.0f, true},      // 0.5 -> 0 (tie to even), q = 3
+      {0.75f, 1.0f, true},      // 1.5 -> 2, q = 5
+      {-1.5f, -1.5f, true},     // q = 0 = quant_min
+      {6.0f, 6.0f, true},       // q = 15 = quant_max
+      {-2.0f, -1.5f, false},    // q = -1, clamped to 0
+      {6.5f, 6.0f, false},      // q = 16, clamped to 15
+      {100.0f, 6.0f, false},
+      {kInf, 6.0f, false},
+      {-kInf, -1.5f, false},
+  };
+  for (const Case& c : cases) {
+    bool in_range = !c.in_range;  // must be overwritten
+    const float y = fake_quantize_value(c.x, s, inv, z, lo, hi, in_range);
+    EXPECT_FLOAT_BITS_EQ(y, c.y) << " for x = " << c.x;
+    EXPECT_EQ(in_range, c.in_range) << " for x = " << c.x;
+  }
+  // -1.75 * 2 = -3.5 rounds to -4 (even): q = -1, below quant_min.
+  bool in_range = true;
+  EXPECT_FLOAT_BITS_EQ(fake_quantize_value(-1.75f, s, inv, z, lo, hi, in_range), -1.5f);
+  EXPECT_FALSE(in_range);
+  // -1.25 * 2 = -2.5 rounds to -2 (even): q = 1, inside.
+  in_range = false;
+  EXPECT_FLOAT_BITS_EQ(fake_quantize_value(-1.25f, s, inv, z, lo, hi, in_range), -1.0f);
+  EXPECT_TRUE(in_range);
+}
+
+TEST(FakeQuantizeValue, NaN) {
+  bool in_range = true;
+  EXPECT_TRUE(std::isnan(fake_quantize_value(kNaN, 0.5f, 2.0f, 3.0f, 0.0f, 15.0f, in_range)));
+  EXPECT_FALSE(in_range);
+}
+
+TEST(FakeQuantizeValue, EqualsDequantizeOfQuantize) {
+  const float s = 0.1f, inv = 1.0f / s, z = -7.0f, lo = -128.0f, hi = 127.0f;
+  for (int i = -2000; i <= 2000; ++i) {
+    const float x = static_cast<float>(i) * 0.00731f;
+    bool in_range;
+    const float y = fake_quantize_value(x, s, inv, z, lo, hi, in_range);
+    const float q = quantize_value(x, inv, z, lo, hi);
+    EXPECT_FLOAT_BITS_EQ(y, dequantize_value(q, s, z));
+    EXPECT_EQ(in_range, in_quant_range(quantize_unclamped(x, inv, z), lo, hi));
+  }
+}
+
+TEST(DequantizeValue, Values) {
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(5.0f, 0.5f, 3.0f), 1.0f);
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(0.0f, 0.5f, 3.0f), -1.5f);
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(3.0f, 0.5f, 3.0f), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(-128.0f, 0.25f, 0.0f), -32.0f);
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(255.0f, 0.125f, 128.0f), 15.875f);
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(32767.0f, 1.0f, -32768.0f), 65535.0f);
+  // One rounding of the exact product (q - z) * scale.
+  EXPECT_FLOAT_BITS_EQ(dequantize_value(3.0f, 0.1f, 0.0f), 3.0f * 0.1f);
+}
+
+TEST(IsValidScale, Values) {
+  EXPECT_FALSE(is_valid_scale(0.0f));
+  EXPECT_FALSE(is_valid_scale(-0.0f));
+  EXPECT_FALSE(is_valid_scale(-1.0f));
+  EXPECT_FALSE(is_valid_scale(-FLT_MIN));
+  EXPECT_FALSE(is_valid_scale(kNaN));
+  EXPECT_FALSE(is_valid_scale(kInf));
+  EXPECT_FALSE(is_valid_scale(-kInf));
+  EXPECT_TRUE(is_valid_scale(FLT_MIN));
+  EXPECT_EQ(kMinScale, FLT_MIN);
+  EXPECT_FALSE(is_valid_scale(std::nextafter(FLT_MIN, 0.0f)));                 // largest denormal
+  EXPECT_FALSE(is_valid_scale(FLT_MIN / 2.0f));                                // denormal
+  EXPECT_FALSE(is_valid_scale(std::numeric_limits<float>::denorm_min()));    // smallest denormal
+  EXPECT_TRUE(is_valid_scale(1.0f));
+  EXPECT_TRUE(is_valid_scale(0.1f));
+  EXPECT_TRUE(is_valid_scale(1e-30f));
+  EXPECT_TRUE(is_valid_scale(FLT_MAX));
+  // Valid scales have a finite reciprocal.
+  EXPECT_TRUE(std::isfinite(1.0f / FLT_MIN));
+}
+
+TEST(SaturateCast, Int8) {
+  EXPECT_EQ(saturate_cast<int8_t>(0.0f), 0);
+  EXPECT_EQ(saturate_cast<int8_t>(-0.0f), 0);
+  EXPECT_EQ(saturate_cast<int8_t>(3.0f), 3);
+  EXPECT_EQ(saturate_cast<int8_t>(-77.0f), -77);
+  EXPECT_EQ(saturate_cast<int8_t>(127.0f), 127);
+  EXPECT_EQ(saturate_cast<int8_t>(-128.0f), -128);
+  EXPECT_EQ(saturate_cast<int8_t>(128.0f), 127);
+  EXPECT_EQ(saturate_cast<int8_t>(-129.0f), -128);
+  EXPECT_EQ(saturate_cast<int8_t>(1e9f), 127);
+  EXPECT_EQ(saturate_cast<int8_t>(-1e9f), -128);
+  EXPECT_EQ(saturate_cast<int8_t>(kInf), 127);
+  EXPECT_EQ(saturate_cast<int8_t>(-kInf), -128);
+}
+
+TEST(SaturateCast, UInt8) {
+  EXPECT_EQ(saturate_cast<uint8_t>(0.0f), 0);
+  EXPECT_EQ(saturate_cast<uint8_t>(200.0f), 200);
+  EXPECT_EQ(saturate_cast<uint8_t>(255.0f), 255);
+  EXPECT_EQ(saturate_cast<uint8_t>(256.0f), 255);
+  EXPECT_EQ(saturate_cast<uint8_t>(-1.0f), 0);
+  EXPECT_EQ(saturate_cast<uint8_t>(-300.0f), 0);
+  EXPECT_EQ(saturate_cast<uint8_t>(kInf), 255);
+  EXPECT_EQ(saturate_cast<uint8_t>(-kInf), 0);
+}
+
+TEST(SaturateCast, Int16) {
+  EXPECT_EQ(saturate_cast<int16_t>(32767.0f), 32767);
+  EXPECT_EQ(saturate_cast<int16_t>(-32768.0f), -32768);
+  EXPECT_EQ(saturate_cast<int16_t>(32768.0f), 32767);
+  EXPECT_EQ(saturate_cast<int16_t>(-32769.0f), -32768);
+  EXPECT_EQ(saturate_cast<int16_t>(-12345.0f), -12345);
+}
+
+TEST(SaturateCast, Int32BeyondRange) {
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  constexpr int32_t kMin = std::numeric_limits<int32_t>::lowest();
+  EXPECT_EQ(saturate_cast<int32_t>(0.0f), 0);
+  EXPECT_EQ(saturate_cast<int32_t>(-123456.0f), -123456);
+  EXPECT_EQ(saturate_cast<int32_t>(16777216.0f), 16777216);
+  // 2^31 - 128: the largest float below 2^31 converts exactly.
+  EXPECT_EQ(saturate_cast<int32_t>(2147483520.0f), 2147483520);
+  EXPECT_EQ(saturate_cast<int32_t>(-2147483520.0f), -2147483520);
+  // float(INT32_MAX) is 2^31, one beyond the range: saturates instead of overflowing.
+  EXPECT_EQ(saturate_cast<int32_t>(2147483648.0f), kMax);
+  EXPECT_EQ(saturate_cast<int32_t>(-2147483648.0f), kMin);
+  EXPECT_EQ(saturate_cast<int32_t>(3e9f), kMax);
+  EXPECT_EQ(saturate_cast<int32_t>(-3e9f), kMin);
+  EXPECT_EQ(saturate_cast<int32_t>(1e20f), kMax);
+  EXPECT_EQ(saturate_cast<int32_t>(-1e20f), kMin);
+  EXPECT_EQ(saturate_cast<int32_t>(FLT_MAX), kMax);
+  EXPECT_EQ(saturate_cast<int32_t>(kInf), kMax);
+  EXPECT_EQ(saturate_cast<int32_t>(-kInf), kMin);
+}
+
+TEST(PackBits8, AllPatterns) {
+  for (int pattern = 0; pattern < 256; ++pattern) {
+    uint8_t flags[8];
+    for (int j = 0; j < 8; ++j) flags[j] = static_cast<uint8_t>((pattern >> j) & 1);
+    uint8_t expected = 0;
+    for (int j = 0; j < 8; ++j)
+      if (flags[j]) expected = static_cast<uint8_t>(expected | (1u << j));
+    ASSERT_EQ(pack_bits8(flags), expected) << "pattern " << pattern;
+    ASSERT_EQ(expected, pattern);
+  }
+}
+
+TEST(PackBits8, SingleBits) {
+  for (int j = 0; j < 8; ++j) {
+    uint8_t flags[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    flags[j] = 1;
+    EXPECT_EQ(pack_bits8(flags), static_cast<uint8_t>(1u << j)) << "flag " << j;
+  }
+}
+
+TEST(PackBits8, OnlyBitZeroOfEachFlagCounts) {
+  // Flags are 0/1 (bool stored as bytes); higher bits of a flag byte must not leak.
+  const uint8_t flags[8] = {0xFE, 0x01, 0xFF, 0x80, 0x03, 0x00, 0x7F, 0x41};
+  uint8_t expected = 0;
+  for (int j = 0; j < 8; ++j) expected = static_cast<uint8_t>(expected | ((flags[j] & 1u) << j));
+  EXPECT_EQ(pack_bits8(flags), expected);
+}
+
+TEST(MaskBit, AllBytesAndBits) {
+  for (int byte = 0; byte < 256; ++byte)
+    for (int j = 0; j < 8; ++j) ASSERT_EQ(mask_bit(static_cast<uint8_t>(byte), j), ((byte >> j) & 1) != 0);
+}
+
+TEST(MaskBit, RoundTripsWithPackBits8) {
+  for (int pattern = 0; pattern < 256; ++pattern) {
+    uint8_t flags[8];
+    for (int j = 0; j < 8; ++j) flags[j] = static_cast<uint8_t>((pattern * 37 + j * 11) % 3 == 0);
+    const uint8_t packed = pack_bits8(flags);
+    for (int j = 0; j < 8; ++j) ASSERT_EQ(mask_bit(packed, j), flags[j] != 0);
+  }
+}
+
+TEST(QParamIndex, PerTensor) {
+  const int64_t numel = 2 * 3 * 4;
+  const QParamIndex index{numel, 1};
+  for (int64_t p = 0; p < numel; ++p) EXPECT_EQ(index(p), 0);
+}
+
+// Contiguous [2, 3, 4]: per-channel along each axis, index = (p / stride(axis)) % size(axis).
+TEST(QParamIndex, PerChannelContiguous) {
+  const int64_t sizes[3] = {2, 3, 4};
+  const int64_t strides[3] = {12, 4, 1};
+  for (int axis = 0; axis < 3; ++axis) {
+    const QParamIndex index{strides[axis], sizes[axis]};
+    for (int64_t i0 = 0; i0 < 2; ++i0)
+      for (int64_t i1 = 0; i1 < 3; ++i1)
+        for (int64_t i2 = 0; i2 < 4; ++i2) {
+          const int64_t coord[3] = {i0, i1, i2};
+          const int64_t p = i0 * 12 + i1 * 4 + i2;
+          EXPECT_EQ(index(p), coord[axis]) << "axis " << axis << " p " << p;
+        }
+  }
+}
+
+// Channels-last [N=2, C=3, H=2, W=2] (memory order N, H, W, C): per-channel along C has
+// stride 1 and size 3.
+TEST(QParamIndex, PerChannelChannelsLast) {
+  const QParamIndex index{1, 3};
+  for (int64_t n = 0; n < 2; ++n)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t w = 0; w < 2; ++w)
+        for (int64_t c = 0; c < 3; ++c) {
+          const int64_t p = ((n * 2 + h) * 2 + w) * 3 + c;
+          EXPECT_EQ(index(p), c);
+        }
+}
+
+// Contiguous [2, 3, 8] in groups of 4 along the last dimension: qparams of shape [2, 3, 2],
+// index = flat index of (i0, i1, i2 / 4).
+TEST(QParamIndex, PerGroup) {
+  const int64_t group_size = 4, numel = 2 * 3 * 8;
+  const QParamIndex index{group_size, numel / group_size};
+  for (int64_t i0 = 0; i0 < 2; ++i0)
+    for (int64_t i1 = 0; i1 < 3; ++i1)
+      for (int64_t i2 = 0; i2 < 8; ++i2) {
+        const int64_t p = (i0 * 3 + i1) * 8 + i2;
+        EXPECT_EQ(index(p), (i0 * 3 + i1) * 2 + i2 / group_size) << "p " << p;
+      }
+}
+
+TEST(QParamIndex, PerGroupWholeRow) {
+  // group_size = last dimension: one qparam per row.
+  const QParamIndex index{8, 5};
+  for (int64_t p = 0; p < 40; ++p) EXPECT_EQ(index(p), p / 8);
+}
+
+TEST(Constants, QuantRange) {
+  EXPECT_EQ(kQuantRangeLowest, std::numeric_limits<int16_t>::lowest());
+  EXPECT_EQ(kQuantRangeHighest, std::numeric_limits<int16_t>::max());
+}
+
+}  // namespace
