@@ -47,16 +47,21 @@ def extension():
     cpp = sources("*.cpp")
     cuda = sources("*.cu") if use_cuda else []
     defines = [f"-DQATX_VERSION_NUMBER={version_number(VERSION)}"]
+    # at::parallel_for runs its work serially unless the caller is compiled with OpenMP when
+    # torch's parallel backend is OpenMP (the Linux wheels); libgomp is the one torch ships.
+    openmp = ["-fopenmp"] if torch._C.has_openmp else []
     args = {
-        "cxx": ["-O3"] + defines,
+        "cxx": ["-O3"] + openmp + defines,
     }
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"] + defines
         return CUDAExtension("qatx._C", cpp + cuda,
                              include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_wheel_include_dirs(),
-                             extra_compile_args=args, define_macros=[("QATX_WITH_CUDA", "1")])
-    return CppExtension("qatx._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=args)
+                             extra_compile_args=args, extra_link_args=openmp,
+                             define_macros=[("QATX_WITH_CUDA", "1")])
+    return CppExtension("qatx._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=args,
+                        extra_link_args=openmp)
 
 
 setup(
