@@ -1,21 +1,9 @@
 #include "qatx/ops/affine.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "qatx/ops/typed_op.h"
 
 namespace qatx {
 namespace ops {
-
-namespace {
-// Looks an operator up once and calls it with the schema's C++ signature.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-}  // namespace
-
-#define QATX_DISPATCH(NAME, SIGNATURE, ...)                                 \
-  static const auto op = typed_op<SIGNATURE>("qatx::" NAME);                \
-  return op.call(__VA_ARGS__)
 
 using T = at::Tensor;
 using CT = const at::Tensor&;

@@ -4,49 +4,26 @@
 // bytes of the bit-packed mask) and the blocks into at::parallel_for chunks. Inside a block the
 // qparams are either one value (per-tensor, or the block lies in one channel / group) or
 // gathered into per-element arrays; both inner loops are plain float code that the compiler
-// vectorizes. The loops are compiled for AVX-512, AVX2 and baseline x86-64 and the best is
-// picked at load time (GCC target_clones), so one binary runs everywhere and uses the
-// machine's widest vectors.
-#include <ATen/Dispatch.h>
+// vectorizes, compiled for several ISAs (cpu_kernels.h).
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 
 #include "qatx/ops/affine_impl.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define QATX_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QATX_CPU_CLONES
-#endif
-#define QATX_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "qatx/ops/cpu/cpu_kernels.h"
 
 namespace qatx {
 namespace ops {
 namespace {
 
+using cpu::kBlock;
+using cpu::PerElementQParams;
+using cpu::UniformQParams;
 using math::QParamIndex;
 
-constexpr int64_t kBlock = 512;
-// Elements per parallel task: large enough that thread start-up stays negligible.
-constexpr int64_t kGrainBlocks = (1 << 15) / kBlock;
-
-struct UniformQParams {
-  float s, inv, z;
-  float scale(int64_t) const { return s; }
-  float inv_scale(int64_t) const { return inv; }
-  float zero_point(int64_t) const { return z; }
-};
-
-struct PerElementQParams {
-  float s[kBlock], inv[kBlock], z[kBlock];
-  float scale(int64_t j) const { return s[j]; }
-  float inv_scale(int64_t j) const { return inv[j]; }
-  float zero_point(int64_t j) const { return z[j]; }
-};
+constexpr int64_t kGrainBlocks = cpu::kGrainElements / kBlock;
 
 struct QParamsCpu {
   const float* scale;
@@ -158,80 +135,72 @@ void dispatch_int_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-#define QATX_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-struct CpuBackend {
-  static constexpr bool kRunsKernels = true;
-  static constexpr bool kChecksValuesOnHost = true;
-
-  static void fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,
-                            const at::Tensor& zero_point, QParamIndex index, int64_t quant_min, int64_t quant_max) {
-    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
-    const int64_t numel = x.numel();
-    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_fake_quantize_cpu", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-      uint8_t* mp = mask.defined() ? mask.mutable_data_ptr<uint8_t>() : nullptr;
-      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
-        if (mp)
-          fake_quantize_blocks<scalar_t, true>(xp, yp, mp, numel, b0, b1, qp, quant_min, quant_max);
-        else
-          fake_quantize_blocks<scalar_t, false>(xp, yp, nullptr, numel, b0, b1, qp, quant_min, quant_max);
-      });
-    });
-  }
-
-  static void quantize(const at::Tensor& x, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
-                       QParamIndex index, int64_t quant_min, int64_t quant_max) {
-    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
-    const int64_t numel = x.numel();
-    std::atomic<bool> saw_nan{false};
-    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_quantize_cpu", [&] {
-      dispatch_int_dtype(out.scalar_type(), [&](auto int_tag) {
-        using Int = decltype(int_tag);
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        Int* qp_out = out.mutable_data_ptr<Int>();
-        at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
-          bool nan = false;
-          quantize_blocks<scalar_t, Int>(xp, qp_out, numel, b0, b1, qp, quant_min, quant_max, nan);
-          if (nan) saw_nan = true;
-        });
-      });
-    });
-    TORCH_CHECK(!saw_nan, "qatx::quantize_*_affine: input contains NaN, which has no quantized value");
-  }
-
-  static void dequantize(const at::Tensor& q, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
-                         QParamIndex index) {
-    const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
-    const int64_t numel = q.numel();
-    QATX_DISPATCH_FLOAT(out.scalar_type(), "qatx_dequantize_cpu", [&] {
-      dispatch_int_dtype(q.scalar_type(), [&](auto int_tag) {
-        using Int = decltype(int_tag);
-        const Int* in = q.const_data_ptr<Int>();
-        scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
-          dequantize_blocks<Int, scalar_t>(in, yp, numel, b0, b1, qp);
-        });
-      });
-    });
-  }
-
-  static void ste_backward(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
-    const int64_t numel = grad.numel();
-    QATX_DISPATCH_FLOAT(grad.scalar_type(), "qatx_ste_backward_cpu", [&] {
-      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-      const uint8_t* mp = mask.const_data_ptr<uint8_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
-        ste_backward_blocks<scalar_t>(gp, mp, op, numel, b0, b1);
-      });
-    });
-  }
-};
-
 }  // namespace
+
+void CpuBackend::fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,
+                               const at::Tensor& zero_point, QParamIndex index, int64_t quant_min, int64_t quant_max) {
+  const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+  const int64_t numel = x.numel();
+  QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_fake_quantize_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = mask.defined() ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+    at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+      if (mp)
+        fake_quantize_blocks<scalar_t, true>(xp, yp, mp, numel, b0, b1, qp, quant_min, quant_max);
+      else
+        fake_quantize_blocks<scalar_t, false>(xp, yp, nullptr, numel, b0, b1, qp, quant_min, quant_max);
+    });
+  });
+}
+
+void CpuBackend::quantize(const at::Tensor& x, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
+                          QParamIndex index, int64_t quant_min, int64_t quant_max) {
+  const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+  const int64_t numel = x.numel();
+  std::atomic<bool> saw_nan{false};
+  QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_quantize_cpu", [&] {
+    dispatch_int_dtype(out.scalar_type(), [&](auto int_tag) {
+      using Int = decltype(int_tag);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      Int* qp_out = out.mutable_data_ptr<Int>();
+      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+        bool nan = false;
+        quantize_blocks<scalar_t, Int>(xp, qp_out, numel, b0, b1, qp, quant_min, quant_max, nan);
+        if (nan) saw_nan = true;
+      });
+    });
+  });
+  TORCH_CHECK(!saw_nan, "qatx::quantize_*_affine: input contains NaN, which has no quantized value");
+}
+
+void CpuBackend::dequantize(const at::Tensor& q, at::Tensor& out, const at::Tensor& scale,
+                            const at::Tensor& zero_point, QParamIndex index) {
+  const QParamsCpu qp = qparams_cpu(scale, zero_point, index);
+  const int64_t numel = q.numel();
+  QATX_DISPATCH_FLOAT(out.scalar_type(), "qatx_dequantize_cpu", [&] {
+    dispatch_int_dtype(q.scalar_type(), [&](auto int_tag) {
+      using Int = decltype(int_tag);
+      const Int* in = q.const_data_ptr<Int>();
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+        dequantize_blocks<Int, scalar_t>(in, yp, numel, b0, b1, qp);
+      });
+    });
+  });
+}
+
+void CpuBackend::ste_backward(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
+  const int64_t numel = grad.numel();
+  QATX_DISPATCH_FLOAT(grad.scalar_type(), "qatx_ste_backward_cpu", [&] {
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const uint8_t* mp = mask.const_data_ptr<uint8_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, num_blocks(numel), kGrainBlocks, [&](int64_t b0, int64_t b1) {
+      ste_backward_blocks<scalar_t>(gp, mp, op, numel, b0, b1);
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(qatx, CPU, m) { AffineKernels<CpuBackend>::register_all(m); }
 

@@ -5,28 +5,20 @@
 // aligned. Indexing is 64-bit throughout. Kernels run on the current stream; qparams are read
 // on the device, and their values are checked there (device-side assertion) so that the host
 // never waits on the GPU.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "qatx/ops/affine_impl.h"
-
-#ifndef CUDA_KERNEL_ASSERT_MSG
-#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
-#endif
+#include "qatx/ops/cuda/cuda_kernels.cuh"
 
 namespace qatx {
 namespace ops {
 namespace {
 
+using cuda::kThreads;
 using math::QParamIndex;
 
-constexpr int kThreads = 256;
 constexpr int kChunk = 8;
 
 template <typename T>
@@ -178,12 +170,10 @@ __global__ void ste_backward_kernel(const T* __restrict__ grad, const uint8_t* _
 
 #undef QATX_CHUNK_LOOP
 
-// Enough blocks to fill the GPU several times over; the grid-stride loop covers the rest.
+// One thread per chunk of 8 elements, capped; the grid-stride loop covers the rest.
 dim3 grid_for(int64_t numel) {
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
-  const int64_t wanted = (chunks + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, cap))));
+  return cuda::capped_grid((chunks + kThreads - 1) / kThreads);
 }
 
 bool aligned16(const void* a, const void* b) {
@@ -201,74 +191,67 @@ void dispatch_int_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-#define QATX_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-struct CudaBackend {
-  static constexpr bool kRunsKernels = true;
-  static constexpr bool kChecksValuesOnHost = false;
-
-  static void fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,
-                            const at::Tensor& zero_point, QParamIndex index, int64_t quant_min, int64_t quant_max) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t numel = x.numel();
-    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_fake_quantize_cuda", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-      fake_quantize_kernel<scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          xp, yp, mask.defined() ? mask.mutable_data_ptr<uint8_t>() : nullptr, numel, scale.const_data_ptr<float>(),
-          zero_point.const_data_ptr<float>(), index, static_cast<float>(quant_min), static_cast<float>(quant_max),
-          aligned16(xp, yp));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-
-  static void quantize(const at::Tensor& x, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
-                       QParamIndex index, int64_t quant_min, int64_t quant_max) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t numel = x.numel();
-    QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_quantize_cuda", [&] {
-      dispatch_int_dtype(out.scalar_type(), [&](auto int_tag) {
-        using Int = decltype(int_tag);
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        quantize_kernel<scalar_t, Int><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            xp, out.mutable_data_ptr<Int>(), numel, scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(),
-            index, static_cast<float>(quant_min), static_cast<float>(quant_max), aligned16(xp, xp));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-
-  static void dequantize(const at::Tensor& q, at::Tensor& out, const at::Tensor& scale, const at::Tensor& zero_point,
-                         QParamIndex index) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    const int64_t numel = q.numel();
-    QATX_DISPATCH_FLOAT(out.scalar_type(), "qatx_dequantize_cuda", [&] {
-      dispatch_int_dtype(q.scalar_type(), [&](auto int_tag) {
-        using Int = decltype(int_tag);
-        scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-        dequantize_kernel<Int, scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            q.const_data_ptr<Int>(), yp, numel, scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(),
-            index, aligned16(yp, yp));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-
-  static void ste_backward(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
-    const c10::cuda::CUDAGuard guard(grad.device());
-    const int64_t numel = grad.numel();
-    QATX_DISPATCH_FLOAT(grad.scalar_type(), "qatx_ste_backward_cuda", [&] {
-      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      ste_backward_kernel<scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          gp, mask.const_data_ptr<uint8_t>(), op, numel, aligned16(gp, op));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-};
-
 }  // namespace
+
+void CudaBackend::fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,
+                                const at::Tensor& zero_point, QParamIndex index, int64_t quant_min,
+                                int64_t quant_max) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t numel = x.numel();
+  QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_fake_quantize_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    fake_quantize_kernel<scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        xp, yp, mask.defined() ? mask.mutable_data_ptr<uint8_t>() : nullptr, numel, scale.const_data_ptr<float>(),
+        zero_point.const_data_ptr<float>(), index, static_cast<float>(quant_min), static_cast<float>(quant_max),
+        aligned16(xp, yp));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void CudaBackend::quantize(const at::Tensor& x, at::Tensor& out, const at::Tensor& scale,
+                           const at::Tensor& zero_point, QParamIndex index, int64_t quant_min, int64_t quant_max) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t numel = x.numel();
+  QATX_DISPATCH_FLOAT(x.scalar_type(), "qatx_quantize_cuda", [&] {
+    dispatch_int_dtype(out.scalar_type(), [&](auto int_tag) {
+      using Int = decltype(int_tag);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      quantize_kernel<scalar_t, Int><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          xp, out.mutable_data_ptr<Int>(), numel, scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(),
+          index, static_cast<float>(quant_min), static_cast<float>(quant_max), aligned16(xp, xp));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void CudaBackend::dequantize(const at::Tensor& q, at::Tensor& out, const at::Tensor& scale,
+                             const at::Tensor& zero_point, QParamIndex index) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t numel = q.numel();
+  QATX_DISPATCH_FLOAT(out.scalar_type(), "qatx_dequantize_cuda", [&] {
+    dispatch_int_dtype(q.scalar_type(), [&](auto int_tag) {
+      using Int = decltype(int_tag);
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      dequantize_kernel<Int, scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          q.const_data_ptr<Int>(), yp, numel, scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(),
+          index, aligned16(yp, yp));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void CudaBackend::ste_backward(const at::Tensor& grad, const at::Tensor& mask, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t numel = grad.numel();
+  QATX_DISPATCH_FLOAT(grad.scalar_type(), "qatx_ste_backward_cuda", [&] {
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    ste_backward_kernel<scalar_t><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        gp, mask.const_data_ptr<uint8_t>(), op, numel, aligned16(gp, op));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 TORCH_LIBRARY_IMPL(qatx, CUDA, m) { AffineKernels<CudaBackend>::register_all(m); }
 
