@@ -125,5 +125,139 @@ struct QParamIndex {
   QATX_HOST_DEVICE int64_t operator()(int64_t p) const { return (p / inner) % channels; }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Learnable quantizers: LSQ / LSQ+ (learned scale and zero point) and PACT (learned clip value).
+// ---------------------------------------------------------------------------------------------
+
+// One element's share of the LSQ / LSQ+ backward, for the incoming gradient g:
+//   in_range    grad_input = g here (quant_min <= q_u <= quant_max), 0 elsewhere
+//   scale       g * (rint(v) - v) inside, g * (quant_min - z) below, g * (quant_max - z) above
+//   zero_point  0 inside, -g * s outside (LSQ+)
+// with v = x * inv_scale and q_u = rint(v) + z, as in the forward (z is the learnable zero point
+// already rounded to an integer in [quant_min, quant_max]). The sums of these terms over
+// the elements sharing a scale, times grad_factor, are grad_scale and grad_zero_point.
+// (q - z) is rint(v) exactly inside the range (integers below 2^24), so the scale term is one
+// subtraction and one product. A NaN input is outside the range; its scale term is NaN.
+struct LsqGradTerms {
+  bool in_range;
+  float scale;
+  float zero_point;
+};
+
+QATX_HOST_DEVICE LsqGradTerms lsq_grad_terms(float x, float g, float scale, float inv_scale, float zero_point,
+                                             float quant_min, float quant_max) {
+  const float v = x * inv_scale;
+  const float q_unclamped = round_half_even(v) + zero_point;
+  const bool in_range = in_quant_range(q_unclamped, quant_min, quant_max);
+  const float q = clamp_nan_propagating(q_unclamped, quant_min, quant_max);
+  const float d_scale = (q - zero_point) - (in_range ? v : 0.0f);
+  return {in_range, g * d_scale, in_range ? 0.0f : -(g * scale)};
+}
+
+// PACT (Choi et al. 2018) quantizes clip(x, lo, alpha), lo = -alpha (signed) or 0 (unsigned),
+// with scale alpha / levels, zero point 0 and range [-levels, levels] or [0, levels].
+// levels = 2^(bits-1) - 1 (signed, symmetric) or 2^bits - 1 (unsigned).
+QATX_HOST_DEVICE constexpr int64_t pact_levels(int64_t bits, bool is_signed) {
+  return (int64_t{1} << (is_signed ? bits - 1 : bits)) - 1;
+}
+
+// The gradient passes to the input strictly inside the clip range, -alpha < x < alpha (signed)
+// or 0 <= x < alpha (unsigned): the clip's derivative is 1 there (the rounding is a straight
+// through estimator) and 0 where the clip saturates. NaN is outside.
+QATX_HOST_DEVICE bool pact_in_range(float x, float alpha, bool is_signed) {
+  return (is_signed ? x > -alpha : x >= 0.0f) & (x < alpha);
+}
+
+// One element's share of grad_alpha: g where x >= alpha, -g where x <= -alpha (signed), else 0.
+// The clipped value alpha (or -alpha) is the element's output there; the dependence of the
+// scale on alpha is ignored, as in the paper.
+QATX_HOST_DEVICE float pact_alpha_term(float x, float g, float alpha, bool is_signed) {
+  return x >= alpha ? g : ((is_signed & (x <= -alpha)) ? -g : 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic reductions over the elements that share a qparam (the learnable backward passes).
+// ---------------------------------------------------------------------------------------------
+
+// A dense tensor in memory order seen as [outer, channels, inner], so that the element at
+// memory position p = (o * channels + c) * inner + i uses qparam c (QParamIndex): per-tensor
+// [1, 1, numel], per-channel [.., size(axis), stride(axis)], per-group [1, groups, group_size].
+struct QParamRuns {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+QATX_HOST_DEVICE QParamRuns qparam_runs(QParamIndex index, int64_t numel) {
+  if (index.channels <= 1) return {1, 1, numel};
+  return {numel / (index.inner * index.channels), index.channels, index.inner};
+}
+
+// The part of [outer, channels, inner] one tile covers: rows [o0, o1), channels [c0, c1),
+// inner positions [i0, i1). Row o of the tile is the contiguous memory segment starting at
+// (o * channels + c0) * inner + i0 of length (c1 - c0) * (i1 - i0). The tile writes the partial
+// sums of its channels at row partial_row.
+struct ReductionTile {
+  int64_t o0, o1, c0, c1, i0, i1;
+  int64_t partial_row;
+};
+
+// How a backward kernel splits [outer, channels, inner] into tiles. Each tile reduces its
+// elements in a fixed order into one partial sum per channel, and each (partial_row, channel)
+// belongs to exactly one tile; the final sum runs over the partial rows in order. So the result
+// depends only on the shape and the tiling constants, never on how many threads (or thread
+// blocks) run the tiles, and there are about numel / min_run + channels partial sums.
+struct ReductionTiling {
+  int64_t outer, channels, inner;
+  int64_t run;            // inner positions per tile: all of them, or chunks of a long run
+  int64_t tile_channels;  // channels per tile; more than 1 only when run == inner
+  int64_t tile_rows;      // outer rows per tile
+
+  QATX_HOST_DEVICE int64_t chunks() const { return (inner + run - 1) / run; }
+  QATX_HOST_DEVICE int64_t row_tiles() const { return (outer + tile_rows - 1) / tile_rows; }
+  QATX_HOST_DEVICE int64_t channel_tiles() const { return (channels + tile_channels - 1) / tile_channels; }
+  // Partial sums per channel; the partials form a [partial_rows(), channels] array.
+  QATX_HOST_DEVICE int64_t partial_rows() const { return row_tiles() * chunks(); }
+  QATX_HOST_DEVICE int64_t num_tiles() const { return row_tiles() * channel_tiles() * chunks(); }
+
+  // Tiles are numbered in memory order (row tile, then channel tile, then chunk).
+  QATX_HOST_DEVICE ReductionTile tile(int64_t t) const {
+    const int64_t chunk = t % chunks();
+    const int64_t rest = t / chunks();
+    const int64_t channel_tile = rest % channel_tiles();
+    const int64_t row_tile = rest / channel_tiles();
+    ReductionTile r;
+    r.o0 = row_tile * tile_rows;
+    r.o1 = r.o0 + tile_rows < outer ? r.o0 + tile_rows : outer;
+    r.c0 = channel_tile * tile_channels;
+    r.c1 = r.c0 + tile_channels < channels ? r.c0 + tile_channels : channels;
+    r.i0 = chunk * run;
+    r.i1 = r.i0 + run < inner ? r.i0 + run : inner;
+    r.partial_row = row_tile * chunks() + chunk;
+    return r;
+  }
+};
+
+// segment: longest row segment a tile may have when it spans several channels (whole inner
+// runs of inner < segment elements); long_run: the chunk length of inner runs of at least
+// segment elements (one channel per tile; a tile takes several rows when one chunk is the whole
+// run); min_run: a tile over short runs takes enough rows for at least min_run elements per
+// channel, which bounds the number of partial sums.
+QATX_HOST_DEVICE ReductionTiling make_reduction_tiling(QParamRuns r, int64_t segment, int64_t long_run,
+                                                       int64_t min_run) {
+  ReductionTiling t{r.outer, r.channels, r.inner, r.inner, 1, 1};
+  int64_t rows = 1;
+  if (r.inner >= segment) {
+    if (r.inner > long_run) t.run = long_run;
+    else rows = (long_run + r.inner - 1) / r.inner;
+  } else {
+    const int64_t fit = segment / r.inner;
+    t.tile_channels = fit < r.channels ? fit : r.channels;
+    rows = (min_run + r.inner - 1) / r.inner;
+  }
+  t.tile_rows = rows < r.outer ? rows : (r.outer > 0 ? r.outer : 1);
+  return t;
+}
+
 }  // namespace math
 }  // namespace qatx

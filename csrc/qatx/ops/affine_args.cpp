@@ -5,6 +5,7 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/irange.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
@@ -78,13 +79,22 @@ static void check_same_device(const at::Tensor& input, const at::Tensor& t, cons
 }
 
 void check_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                   const Granularity& g, const char* op) {
+                   const Granularity& g, const char* op, QParamDtypes dtypes) {
   check_same_device(input, scale, "scale", op);
   check_same_device(input, zero_point, "zero_point", op);
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op, ": scale must have a floating dtype, got ",
-              dtype_name(scale.scalar_type()));
-  TORCH_CHECK(at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false), op,
-              ": zero_point must have an integer dtype (e.g. torch.int32), got ", dtype_name(zero_point.scalar_type()));
+  if (dtypes == QParamDtypes::Learnable) {
+    TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be torch.float32 (a learnable parameter), got ",
+                dtype_name(scale.scalar_type()));
+    TORCH_CHECK(zero_point.scalar_type() == at::kFloat, op,
+                ": zero_point must be torch.float32 (a learnable parameter, rounded to an integer when used), got ",
+                dtype_name(zero_point.scalar_type()));
+  } else {
+    TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op, ": scale must have a floating dtype, got ",
+                dtype_name(scale.scalar_type()));
+    TORCH_CHECK(at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false), op,
+                ": zero_point must have an integer dtype (e.g. torch.int32), got ",
+                dtype_name(zero_point.scalar_type()));
+  }
   TORCH_CHECK(scale.sym_sizes() == zero_point.sym_sizes(), op, ": scale and zero_point must have the same shape, got ",
               scale.sym_sizes(), " and ", zero_point.sym_sizes());
   switch (g.kind) {
@@ -116,12 +126,13 @@ void check_qparams(const at::Tensor& input, const at::Tensor& scale, const at::T
 void check_qparam_values_cpu(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                              int64_t quant_max, bool check_zero_point_range, const char* op) {
   const at::Tensor s = scale.to(at::kFloat).contiguous();
-  const at::Tensor z = zero_point.to(at::kLong).contiguous();
+  const at::Tensor z = zero_point.to(at::kDouble).contiguous();  // exact for int32 and float32
   const float* sp = s.const_data_ptr<float>();
-  const int64_t* zp = z.const_data_ptr<int64_t>();
+  const double* zp = z.const_data_ptr<double>();
   for (const auto i : c10::irange(s.numel())) {
     TORCH_CHECK(math::is_valid_scale(sp[i]), op, ": scale must be finite and at least 2^-126 (", math::kMinScale,
                 ") so that 1/scale is finite; got scale=", sp[i], " at index ", i);
+    TORCH_CHECK(!std::isnan(zp[i]), op, ": zero_point must not be NaN; got NaN at index ", i);
     TORCH_CHECK(!check_zero_point_range || (zp[i] >= quant_min && zp[i] <= quant_max), op, ": zero_point=", zp[i],
                 " at index ", i, " must lie inside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]");
   }
@@ -141,6 +152,11 @@ at::Tensor dense_input_like_output(const at::Tensor& input, const Granularity& g
   if (g.kind == Granularity::Kind::PerGroup) return input.contiguous();
   if (input.is_non_overlapping_and_dense()) return input;
   return at::empty_like(input).copy_(input);
+}
+
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& dense) {
+  if (t.strides() == dense.strides() && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_like(dense, t.options()).copy_(t);
 }
 
 at::Tensor scale_as_float(const at::Tensor& scale) { return scale.to(at::kFloat).contiguous(); }

@@ -32,14 +32,19 @@ void check_quant_range_for_dtype(int64_t quant_min, int64_t quant_max, at::Scala
 void check_float_input(const at::Tensor& input, const char* op);
 // input is int8, uint8, int16 or int32 (what quantize_* produces).
 void check_int_input(const at::Tensor& input, const char* op);
+// The dtypes the qparams may have. Affine ops: any floating scale and an integer zero point
+// (both used as float32). Learnable ops: float32 scale and float32 zero point, the parameters
+// whose gradients the ops return.
+enum class QParamDtypes { Affine, Learnable };
+
 // Shape, dtype and device of scale and zero_point for the granularity. Meta-safe (no data
 // access, symbolic sizes allowed).
 void check_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                   const Granularity& g, const char* op);
+                   const Granularity& g, const char* op, QParamDtypes dtypes = QParamDtypes::Affine);
 
 // Value checks of the qparams, on the CPU only (a CUDA kernel checks them on the device to
-// avoid a host synchronisation): every scale in [2^-126, FLT_MAX], and, when quant_min <=
-// quant_max is given, every zero point inside [quant_min, quant_max].
+// avoid a host synchronisation): every scale in [2^-126, FLT_MAX], no zero point NaN (a float
+// zero point), and, when check_zero_point_range, every zero point inside [quant_min, quant_max].
 void check_qparam_values_cpu(const at::Tensor& scale, const at::Tensor& zero_point,
                              int64_t quant_min, int64_t quant_max, bool check_zero_point_range,
                              const char* op);
@@ -53,6 +58,9 @@ at::Tensor empty_mask_for(const at::Tensor& input);
 // The input in the layout empty_output_like gives (a copy only when the input is not
 // already dense in that layout), so kernels can walk input and output linearly.
 at::Tensor dense_input_like_output(const at::Tensor& input, const Granularity& g);
+// `t` (same shape as the dense tensor `dense`) with dense's strides, a copy only when they
+// differ: a kernel then walks both in the same memory order (e.g. an incoming gradient).
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& dense);
 
 // Scale as float32 and zero point as float32 (exact for int16), both contiguous.
 at::Tensor scale_as_float(const at::Tensor& scale);
