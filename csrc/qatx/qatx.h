@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "qatx/ops/affine.h"
+#include "qatx/ops/lsq.h"
 
 #if defined(_WIN32)
 #define QATX_API __declspec(dllimport)

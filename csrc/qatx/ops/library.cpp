@@ -25,4 +25,18 @@ TORCH_LIBRARY(qatx, m) {
   m.def("dequantize_per_tensor_affine(Tensor input, Tensor scale, Tensor zero_point, ScalarType? output_dtype=None) -> Tensor");
   m.def("dequantize_per_channel_affine(Tensor input, Tensor scale, Tensor zero_point, int axis, ScalarType? output_dtype=None) -> Tensor");
   m.def("dequantize_per_group_affine(Tensor input, Tensor scale, Tensor zero_point, int group_size, ScalarType? output_dtype=None) -> Tensor");
+
+  // --- Learnable quantizers: fake-quantize whose qparams get exact gradients. ---
+  // LSQ / LSQ+: float32 scale and zero point; z_r = rint(clamp(zero_point, quant_min, quant_max)),
+  // y = (clamp(rint(x / s) + z_r, quant_min, quant_max) - z_r) * s. Per-tensor when scale has one
+  // element, else per-channel along axis (or per-group over the last dimension).
+  m.def("fake_quantize_lsq(Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, float grad_factor) -> Tensor");
+  m.def("fake_quantize_lsq_per_group(Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, float grad_factor) -> Tensor");
+  // PACT: fake-quantize clip(x, -alpha or 0, alpha) with scale alpha / (2^(bits-1) - 1 or 2^bits - 1).
+  m.def("fake_quantize_pact(Tensor input, Tensor alpha, int bits, bool is_signed) -> Tensor");
+  // Backward passes: grad_input and the qparam gradients from one deterministic pass over the
+  // input. grad_zero_point is undefined (None) unless zero_point_requires_grad.
+  m.def("_fake_quantize_lsq_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
+  m.def("_fake_quantize_lsq_per_group_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
+  m.def("_fake_quantize_pact_backward(Tensor grad_output, Tensor input, Tensor alpha, int bits, bool is_signed) -> (Tensor grad_input, Tensor grad_alpha)");
 }
