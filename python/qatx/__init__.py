@@ -18,10 +18,22 @@ from .ops import (
     quantize_per_tensor_affine,
 )
 
+from . import observers, quantizers
+from .observers import MinMaxObserver, calculate_qparams, quant_range
+from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "observers",
+    "quantizers",
+    "MinMaxObserver",
+    "calculate_qparams",
+    "quant_range",
+    "FakeQuantize",
+    "LearnableFakeQuantize",
+    "PACT",
     "fake_quantize_per_tensor_affine",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_group_affine",

@@ -1,0 +1,150 @@
+r"""Range observers and the conversion of observed ranges to quantization parameters.
+
+An observer records the range of the tensors it sees; :func:`calculate_qparams` turns a range
+into ``(scale, zero_point)``. Both work per tensor, per channel (any axis) and per group
+(consecutive elements of the last dimension).
+
+qparams from a range ``[lo, hi]`` (first widened to contain 0, so that 0 is exactly
+representable — zero padding and ReLU outputs quantize without error):
+
+* symmetric, signed range (``quant_min < 0``):
+  :math:`s = \max(-lo, hi) / \min(-q_{min}, q_{max})`, :math:`z = 0`. Dividing by the smaller
+  side (127 for int8, not 127.5) keeps both ends of the range inside the grid.
+* symmetric, unsigned range (``quant_min >= 0``): :math:`z = \lfloor (q_{min} + q_{max} + 1) / 2 \rfloor`,
+  :math:`s = \max(-lo, hi) / \min(z - q_{min}, q_{max} - z)`.
+* asymmetric: :math:`s = (hi - lo) / (q_{max} - q_{min})`,
+  :math:`z = \mathrm{clamp}(q_{min} - \mathrm{round}(lo / s), q_{min}, q_{max})`.
+
+``s`` is clamped to at least ``eps`` (float32 machine epsilon by default), so a zero range
+(an all-zero tensor) gives ``s = eps`` and never a NaN or zero scale. Non-finite values (NaN,
+±Inf) are ignored by the observers: they are replaced by 0, which every range contains.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["quant_range", "calculate_qparams", "MinMaxObserver", "GRANULARITIES"]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+def quant_range(bits: int, signed: bool, narrow_range: bool = False) -> Tuple[int, int]:
+    """``(quant_min, quant_max)`` of a ``bits``-bit integer: signed ``[-2^(b-1) (+1 if narrow), 2^(b-1) - 1]``,
+    unsigned ``[0 (+1 if narrow), 2^b - 1]``. ``bits`` in [2, 16]."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an integer in [2, 16], got {bits!r}")
+    if signed:
+        return -(1 << (bits - 1)) + int(narrow_range), (1 << (bits - 1)) - 1
+    return int(narrow_range), (1 << bits) - 1
+
+
+def calculate_qparams(min_val: Tensor, max_val: Tensor, quant_min: int, quant_max: int, symmetric: bool,
+                      eps: float = 1.1920928955078125e-07) -> Tuple[Tensor, Tensor]:
+    """``(scale float32, zero_point int32)`` for the observed range(s) ``[min_val, max_val]``
+    (tensors of any shape; the qparams have that shape). Formulas: module docstring."""
+    lo = torch.clamp(min_val.float(), max=0.0)
+    hi = torch.clamp(max_val.float(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        if quant_min < 0:
+            zero = 0
+            steps = min(-quant_min, quant_max)
+        else:
+            zero = (quant_min + quant_max + 1) // 2
+            steps = min(zero - quant_min, quant_max - zero)
+        scale = torch.clamp(amax / steps, min=eps)
+        zero_point = torch.full_like(scale, zero, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi - lo) / float(quant_max - quant_min), min=eps)
+        zero_point = torch.clamp(quant_min - torch.round(lo / scale), quant_min, quant_max).to(torch.int32)
+    return scale, zero_point
+
+
+def _check_granularity(granularity: str, axis: int, group_size: int) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "per_group" and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer for per-group quantization, got {group_size!r}")
+    if not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+
+
+class MinMaxObserver(nn.Module):
+    """Records the running minimum and maximum (or their exponential moving average when
+    ``averaging_constant`` is set: ``m <- m + c (x_m - m)``, the first batch taken as is).
+
+    Args:
+        granularity: ``"per_tensor"``, ``"per_channel"`` (along ``axis``) or ``"per_group"``
+            (``group_size`` consecutive elements of the last dimension).
+        averaging_constant: ``None`` for the plain running min/max, else ``c`` in ``(0, 1]``.
+    """
+
+    def __init__(self, granularity: str = "per_tensor", axis: int = 0, group_size: int = 0,
+                 averaging_constant: Optional[float] = None):
+        super().__init__()
+        _check_granularity(granularity, axis, group_size)
+        if averaging_constant is not None and not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant!r}")
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        self.averaging_constant = -1.0 if averaging_constant is None else float(averaging_constant)
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).float()
+        if self.granularity == "per_tensor":
+            lo, hi = torch.aminmax(x)
+            return lo.reshape(1), hi.reshape(1)
+        if self.granularity == "per_channel":
+            if x.dim() == 0 or not -x.dim() <= self.axis < x.dim():
+                raise ValueError(f"axis={self.axis} is out of range for an input with {x.dim()} dimensions")
+            rows = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
+            return torch.aminmax(rows, dim=1)
+        if x.dim() == 0 or x.shape[-1] % self.group_size != 0:
+            raise ValueError(f"group_size={self.group_size} must divide the last dimension of the input "
+                             f"(shape {list(x.shape)})")
+        groups = x.reshape(list(x.shape[:-1]) + [x.shape[-1] // self.group_size, self.group_size])
+        return torch.aminmax(groups, dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Records ``x``'s range and returns ``x`` unchanged."""
+        with torch.no_grad():
+            lo, hi = self._reduce(x.detach())
+            if self.min_val.numel() == 0 or self.min_val.shape != lo.shape:
+                self.min_val = lo.clone()
+                self.max_val = hi.clone()
+            elif self.averaging_constant > 0.0:
+                self.min_val.add_(lo - self.min_val, alpha=self.averaging_constant)
+                self.max_val.add_(hi - self.max_val, alpha=self.averaging_constant)
+            else:
+                torch.minimum(self.min_val, lo, out=self.min_val)
+                torch.maximum(self.max_val, hi, out=self.max_val)
+        return x
+
+    def calculate_qparams(self, quant_min: int, quant_max: int, symmetric: bool) -> Tuple[Tensor, Tensor]:
+        if self.min_val.numel() == 0:
+            raise RuntimeError("the observer has not seen any data yet: run a forward pass before asking for qparams")
+        return calculate_qparams(self.min_val, self.max_val, quant_min, quant_max, symmetric)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The ranges' shape is only known after the first batch: take the saved one.
+        for name in ("min_val", "max_val"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        parts = [self.granularity]
+        if self.granularity == "per_channel":
+            parts.append(f"axis={self.axis}")
+        if self.granularity == "per_group":
+            parts.append(f"group_size={self.group_size}")
+        if self.averaging_constant > 0:
+            parts.append(f"averaging_constant={self.averaging_constant}")
+        return ", ".join(parts)

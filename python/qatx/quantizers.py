@@ -1,0 +1,281 @@
+r"""Fake-quantizer modules: fixed qparams from an observer, learnable scales (LSQ, LSQ+) and
+learnable clipping (PACT). Each is an ``nn.Module`` that scripts with ``torch.jit.script``,
+round-trips through ``state_dict`` (including its toggles) and computes with the qatx ops.
+
+Toggles: ``enable_fake_quant(flag)`` / ``enable_observer(flag)`` (``disable_*`` for False);
+the flags are plain attributes (no tensor read, so no host synchronisation on CUDA) and are
+saved in the ``state_dict`` as extra state.
+"""
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .observers import MinMaxObserver, _check_granularity, quant_range
+
+__all__ = ["FakeQuantize", "LearnableFakeQuantize", "PACT"]
+
+
+class _Toggles(nn.Module):
+    """Shared toggle handling: flags as attributes, persisted as extra state."""
+
+    fake_quant_enabled: bool
+    observer_enabled: bool
+
+    def __init__(self):
+        super().__init__()
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+
+    @torch.jit.export
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled = enabled
+
+    @torch.jit.export
+    def disable_fake_quant(self) -> None:
+        self.fake_quant_enabled = False
+
+    @torch.jit.export
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled = enabled
+
+    @torch.jit.export
+    def disable_observer(self) -> None:
+        self.observer_enabled = False
+
+    def _extra_flags(self) -> Dict[str, Any]:
+        return {}
+
+    @torch.jit.unused
+    def get_extra_state(self) -> Dict[str, Any]:
+        state = {"fake_quant_enabled": self.fake_quant_enabled, "observer_enabled": self.observer_enabled}
+        state.update(self._extra_flags())
+        return state
+
+    @torch.jit.unused
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class FakeQuantize(_Toggles):
+    """Fake quantization with fixed qparams computed from an observed range.
+
+    While the observer is enabled, each forward records the input's range and recomputes
+    ``scale``/``zero_point`` (:func:`qatx.observers.calculate_qparams`); while fake
+    quantization is enabled, the input is fake-quantized with the qatx affine ops (round half
+    to even, clamp to ``[quant_min, quant_max]``, straight-through gradient); otherwise the
+    input passes through unchanged.
+
+    Args:
+        bits, signed, narrow_range: the integer range (:func:`qatx.observers.quant_range`).
+        symmetric: symmetric (zero point 0, or the midpoint for unsigned) or asymmetric qparams.
+        granularity, axis, group_size: ``"per_tensor"``, ``"per_channel"`` (along ``axis``) or
+            ``"per_group"`` (``group_size`` consecutive elements of the last dimension).
+        averaging_constant: ``None`` for a running min/max, else the moving-average constant.
+    """
+
+    def __init__(self, bits: int = 8, signed: bool = True, symmetric: bool = True, narrow_range: bool = False,
+                 granularity: str = "per_tensor", axis: int = 0, group_size: int = 0,
+                 averaging_constant: Optional[float] = None):
+        super().__init__()
+        self.quant_min, self.quant_max = quant_range(bits, signed, narrow_range)
+        self.bits = bits
+        self.symmetric = symmetric
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        self.observer = MinMaxObserver(granularity, axis, group_size, averaging_constant)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled:
+            self.observer(x)
+            scale, zero_point = self.observer.calculate_qparams(self.quant_min, self.quant_max, self.symmetric)
+            self.scale = scale
+            self.zero_point = zero_point
+        if not self.fake_quant_enabled:
+            return x
+        if self.granularity == "per_tensor":
+            return torch.ops.qatx.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
+                                                                  self.quant_max)
+        if self.granularity == "per_channel":
+            return torch.ops.qatx.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis,
+                                                                   self.quant_min, self.quant_max)
+        return torch.ops.qatx.fake_quantize_per_group_affine(x, self.scale, self.zero_point, self.group_size,
+                                                             self.quant_min, self.quant_max)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("scale", "zero_point"):  # per-channel/group shapes are set by the first batch
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return _describe(self.bits, self.quant_min, self.quant_max, self.granularity, self.axis, self.group_size,
+                         "symmetric" if self.symmetric else "asymmetric", self.scale, self.fake_quant_enabled,
+                         self.observer_enabled)
+
+
+def _describe(bits: int, quant_min: int, quant_max: int, granularity: str, axis: int, group_size: int, kind: str,
+              scale: Tensor, enabled: bool, observing: bool) -> str:
+    parts = [f"bits={bits}", f"range=[{quant_min}, {quant_max}]", granularity]
+    if granularity == "per_channel":
+        parts.append(f"axis={axis}")
+    if granularity == "per_group":
+        parts.append(f"group_size={group_size}")
+    parts.append(kind)
+    if scale.numel() > 0:
+        s = scale.detach()
+        parts.append(f"scale={s.min().item():.4g}" if s.numel() == 1 else
+                     f"scale=[{s.min().item():.4g}, {s.max().item():.4g}]")
+    parts.append(f"enabled={enabled}")
+    parts.append(f"observer={observing}")
+    return ", ".join(parts)
+
+
+class LearnableFakeQuantize(_Toggles):
+    r"""Fake quantization with a learned scale (LSQ, Esser et al. 2020) and optionally a
+    learned zero point (LSQ+, Bhalgat et al. 2020), computed by ``qatx::fake_quantize_lsq``
+    (per-tensor, per-channel) or ``qatx::fake_quantize_lsq_per_group``.
+
+    Gradients (with :math:`v = x/s`, :math:`z_r` the zero point rounded half to even):
+    :math:`\partial/\partial x` is the straight-through estimator; :math:`\partial/\partial s`
+    sums :math:`g(\mathrm{round}(v) - v)` inside the range and :math:`g(q_{min/max} - z_r)`
+    outside, times ``grad_factor``; :math:`\partial/\partial z` sums :math:`-g s` outside the
+    range, times ``grad_factor`` (LSQ+ only). Default ``grad_factor`` is
+    :math:`1/\sqrt{N q_{max}}` with :math:`N` the number of elements sharing one scale, as in
+    the LSQ paper; pass ``grad_factor`` to override.
+
+    Initialisation on the first forward (while the observer is enabled and the scale has not
+    been initialised or loaded): ``init="lsq"`` sets :math:`s = 2\,\mathrm{mean}(|x|)/\sqrt{q_{max}}`
+    per scale; ``init="minmax"`` uses the observed range and
+    :func:`qatx.observers.calculate_qparams` (and the zero point, for LSQ+).
+
+    Positivity: before each forward the scale is clamped in place to at least ``eps``
+    (default 1e-6); the gradient itself is untouched.
+
+    Args:
+        bits, signed, narrow_range: the integer range.
+        learn_zero_point: LSQ+ (a learned float zero point) instead of LSQ (zero point fixed
+            at 0, or the midpoint for symmetric unsigned ranges).
+        granularity, axis, group_size: as for :class:`FakeQuantize`.
+        num_scales: how many scales: 1 per-tensor, the channel count per-channel, the number
+            of groups per-group (``qparam_shape`` gives the full per-group shape instead).
+    """
+
+    def __init__(self, bits: int = 4, signed: bool = True, learn_zero_point: bool = False,
+                 narrow_range: bool = False, granularity: str = "per_tensor", axis: int = 0, group_size: int = 0,
+                 num_scales: int = 1, qparam_shape: Optional[Sequence[int]] = None, init: str = "lsq",
+                 grad_factor: Optional[float] = None, eps: float = 1e-6):
+        super().__init__()
+        _check_granularity(granularity, axis, group_size)
+        if init not in ("lsq", "minmax"):
+            raise ValueError(f"init must be 'lsq' or 'minmax', got {init!r}")
+        if grad_factor is not None and not (math.isfinite(grad_factor) and grad_factor > 0):
+            raise ValueError(f"grad_factor must be a positive finite float, got {grad_factor!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+        shape = list(qparam_shape) if qparam_shape is not None else [num_scales]
+        if any(d < 1 for d in shape):
+            raise ValueError(f"the qparam shape must be positive, got {shape}")
+        if granularity == "per_tensor" and math.prod(shape) != 1:
+            raise ValueError(f"a per-tensor quantizer has one scale, got shape {shape}")
+        self.quant_min, self.quant_max = quant_range(bits, signed, narrow_range)
+        self.bits = bits
+        self.learn_zero_point = learn_zero_point
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        self.init = init
+        self.grad_factor = -1.0 if grad_factor is None else float(grad_factor)
+        self.eps = float(eps)
+        self.initialized = False
+        self.scale = nn.Parameter(torch.ones(shape))
+        if learn_zero_point:
+            self.zero_point = nn.Parameter(torch.zeros(shape))
+        else:  # LSQ: zero point 0 (signed ranges, and unsigned ranges for non-negative inputs)
+            self.register_buffer("zero_point", torch.zeros(shape))
+        self.observer = MinMaxObserver(granularity, axis, group_size)
+
+    def _extra_flags(self) -> Dict[str, Any]:
+        return {"initialized": self.initialized}
+
+    def _initialize(self, x: Tensor) -> None:
+        with torch.no_grad():
+            if self.init == "lsq":
+                self.observer(x)  # keeps the observed range for reports
+                a = x.detach().abs().float()
+                if self.granularity == "per_channel":
+                    mean = a.movedim(self.axis, 0).reshape(a.shape[self.axis], -1).mean(1)
+                elif self.granularity == "per_group":
+                    mean = a.reshape(list(a.shape[:-1]) + [a.shape[-1] // self.group_size, self.group_size]).mean(-1)
+                else:
+                    mean = a.mean()
+                self.scale.copy_((2.0 * mean / math.sqrt(self.quant_max)).reshape(self.scale.shape))
+            else:
+                self.observer(x)
+                scale, zero_point = self.observer.calculate_qparams(self.quant_min, self.quant_max,
+                                                                    not self.learn_zero_point)
+                self.scale.copy_(scale.reshape(self.scale.shape))
+                if self.learn_zero_point:
+                    self.zero_point.copy_(zero_point.float().reshape(self.zero_point.shape))
+            self.scale.clamp_(min=self.eps)
+        self.initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled and not self.initialized:
+            self._initialize(x)
+        if not self.fake_quant_enabled:
+            return x
+        with torch.no_grad():
+            self.scale.clamp_(min=self.eps)
+        grad_factor = self.grad_factor
+        if grad_factor <= 0.0:
+            per_scale = max(x.numel() // max(self.scale.numel(), 1), 1)
+            grad_factor = 1.0 / math.sqrt(per_scale * self.quant_max)
+        if self.granularity == "per_group":
+            return torch.ops.qatx.fake_quantize_lsq_per_group(x, self.scale, self.zero_point, self.group_size,
+                                                              self.quant_min, self.quant_max, grad_factor)
+        return torch.ops.qatx.fake_quantize_lsq(x, self.scale, self.zero_point, self.axis, self.quant_min,
+                                                self.quant_max, grad_factor)
+
+    def extra_repr(self) -> str:
+        return _describe(self.bits, self.quant_min, self.quant_max, self.granularity, self.axis, self.group_size,
+                         "lsq+" if self.learn_zero_point else "lsq", self.scale, self.fake_quant_enabled,
+                         self.observer_enabled)
+
+
+class PACT(_Toggles):
+    r"""PACT activation quantization (Choi et al. 2018): clip to a learned ``[0, alpha]``
+    (``[-alpha, alpha]`` when ``signed``), then fake-quantize with ``scale = alpha / (2^bits - 1)``
+    (``alpha / (2^(bits-1) - 1)`` signed), computed by ``qatx::fake_quantize_pact``.
+    ``d/d alpha`` is the paper's: the sum of the incoming gradient over inputs clipped at
+    ``alpha`` (minus the sum over inputs clipped at ``-alpha``). ``alpha`` is clamped in place
+    to at least ``eps`` before each forward.
+    """
+
+    def __init__(self, bits: int = 4, signed: bool = False, alpha: float = 10.0, eps: float = 1e-6):
+        super().__init__()
+        quant_range(bits, signed)
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite float, got {alpha!r}")
+        self.bits = bits
+        self.signed = signed
+        self.eps = float(eps)
+        self.alpha = nn.Parameter(torch.tensor([float(alpha)]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fake_quant_enabled:
+            return x
+        with torch.no_grad():
+            self.alpha.clamp_(min=self.eps)
+        return torch.ops.qatx.fake_quantize_pact(x, self.alpha, self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, alpha={self.alpha.item():.4g}, "
+                f"enabled={self.fake_quant_enabled}")
