@@ -49,6 +49,45 @@ device. The thread count is left at torch's default and reported in the header.
 Columns: ``torch/qatx`` = torch time / qatx time (the speed-up of qatx over torch; >1
 means qatx is faster); ``qatx%copy`` = qatx GB/s as a percentage of copy GB/s.
 
+Learnable (LSQ) ops, printed after the table above in a second table of their own and
+written to the same JSON list with the same keys:
+
+* ``fake_quantize_lsq_per_tensor``: x shaped [numel], scale a float32 tensor [1] (0.02).
+* ``fake_quantize_lsq_per_channel``: x shaped like the per-channel rows above (C=256 on
+  axis 0), scale float32 [C] drawn uniformly from [0.01, 0.03).
+
+Both use the same 8-bit range quant_min=-128, quant_max=127, float32 input, a float32
+zero_point of zeros that does not require grad (plain LSQ, no learned offset), and
+grad_factor = 1 / sqrt(N_per_scale * quant_max), N_per_scale = numel / (number of scales).
+In ``forward+backward`` both x and scale require grad; ``x.grad`` and ``scale.grad`` are
+reset to None before every call, so each call computes dx and dscale.
+
+LSQ implementations:
+
+* ``qatx``: ``torch.ops.qatx.fake_quantize_lsq(x, scale, zero_point, 0, qmin, qmax,
+  grad_factor)`` (axis 0; per-tensor because scale has one element).
+* ``torch``: ``torch._fake_quantize_learnable_per_tensor_affine`` /
+  ``torch._fake_quantize_learnable_per_channel_affine`` with the same arguments.
+* ``composite``: the usual pure-PyTorch LSQ formulation, autograd through ATen ops:
+  ``s_g = (s - s*gf).detach() + s*gf`` (gradient scaling), ``v = clamp(x / s_g, qmin, qmax)``
+  (s_g viewed as [C, 1, ...] per channel), ``r = (v.round() - v).detach() + v``,
+  ``y = r * s_g``. It omits the zero point, which is zero here.
+* ``copy``: the roofline. forward: ``torch.empty_like(x).copy_(x)`` (read x, write y);
+  forward+backward: that copy plus ``torch.add(x, g, out=torch.empty_like(x))`` (read x
+  and dy, write dx), i.e. exactly the 20 useful bytes/element below. Outputs are
+  allocated on every call.
+
+LSQ useful bytes: forward 8 bytes/element (read x, write y); forward+backward
+20 bytes/element: forward reads x and writes y, backward has to read x again (the saved
+input, needed for the clamp mask and for dscale) and dy, and write dx. Reads and
+writes of scale, zero_point and dscale are ignored. This is a floor; e.g. the composite
+makes many more passes.
+
+Checks (once per LSQ op and size, outside timing): qatx's forward output must equal
+torch's learnable op (``torch.equal``) and so must the input gradient dx; dscale is
+compared with a relative tolerance of 1e-3 (its reductions run in different orders).
+A WARNING line is printed for each failed check.
+
 Exit codes: 0 ok, 2 when ``--device cuda`` is asked for but CUDA is unavailable.
 """
 import argparse
@@ -77,6 +116,15 @@ SHORT_OP = {
 }
 DIRECTIONS = ("forward", "forward+backward")
 BYTES_PER_ELEM = {"forward": 8, "forward+backward": 16}
+
+LSQ_IMPLS = ("qatx", "torch", "composite", "copy")
+LSQ_OPS = ("fake_quantize_lsq_per_tensor", "fake_quantize_lsq_per_channel")
+LSQ_SHORT_OP = {
+    "fake_quantize_lsq_per_tensor": "lsq_tensor",
+    "fake_quantize_lsq_per_channel": "lsq_channel",
+}
+LSQ_BYTES_PER_ELEM = {"forward": 8, "forward+backward": 20}
+LSQ_COL = {"qatx": "qatx", "torch": "torch", "composite": "comp", "copy": "copy"}  # table headers
 
 DEFAULT_SIZES = "1M,16M,64M"
 QUICK_SIZES = "64K,256K"
@@ -163,6 +211,108 @@ def op_fn(op, impl, scale, zero_point):
         t, scale, zero_point, 0, QUANT_MIN, QUANT_MAX)
 
 
+def lsq_repeats(numel):
+    # torch's learnable ops and the composite are slow at 64M; fewer repeats there keep
+    # the default CPU run within a few minutes.
+    if numel <= (1 << 22):
+        return 20
+    if numel <= (1 << 24):
+        return 10
+    return 3
+
+
+def make_lsq_inputs(op, numel, device, gen):
+    """Input x, upstream grad g, scale, zero_point (zeros), grad_factor."""
+    if op == "fake_quantize_lsq_per_tensor":
+        shape = (numel,)
+        scale = torch.tensor([0.02], dtype=torch.float32)
+    else:
+        shape = per_channel_shape(numel)
+        scale = torch.rand(shape[0], generator=gen) * 0.02 + 0.01
+    zero_point = torch.zeros(scale.numel(), dtype=torch.float32)
+    grad_factor = 1.0 / (numel // scale.numel() * QUANT_MAX) ** 0.5
+    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    g = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return x.to(device), g.to(device), scale.to(device), zero_point.to(device), grad_factor
+
+
+def lsq_fn(op, impl, zero_point, grad_factor):
+    """f(x, scale) -> y for one LSQ impl (not copy)."""
+    per_channel = op == "fake_quantize_lsq_per_channel"
+    if impl == "qatx":
+        return lambda t, s: torch.ops.qatx.fake_quantize_lsq(
+            t, s, zero_point, 0, QUANT_MIN, QUANT_MAX, grad_factor)
+    if impl == "torch":
+        if per_channel:
+            return lambda t, s: torch._fake_quantize_learnable_per_channel_affine(
+                t, s, zero_point, 0, QUANT_MIN, QUANT_MAX, grad_factor)
+        return lambda t, s: torch._fake_quantize_learnable_per_tensor_affine(
+            t, s, zero_point, QUANT_MIN, QUANT_MAX, grad_factor)
+
+    def composite(t, s):
+        s_g = (s - s * grad_factor).detach() + s * grad_factor
+        if per_channel:
+            s_g = s_g.view((-1,) + (1,) * (t.dim() - 1))
+        v = torch.clamp(t / s_g, QUANT_MIN, QUANT_MAX)
+        r = (v.round() - v).detach() + v
+        return r * s_g
+    return composite
+
+
+def make_lsq_runner(op, impl, direction, x, g, scale, zero_point, grad_factor):
+    """A zero-argument callable doing one measured unit of LSQ work."""
+    if impl == "copy":
+        if direction == "forward":
+            def run():
+                return torch.empty_like(x).copy_(x)
+        else:
+            def run():
+                y = torch.empty_like(x).copy_(x)          # read x, write y
+                dx = torch.add(x, g, out=torch.empty_like(x))  # read x and dy, write dx
+                return y, dx
+        return run
+
+    f = lsq_fn(op, impl, zero_point, grad_factor)
+    if direction == "forward":
+        def run():
+            with torch.no_grad():
+                return f(x, scale)
+    else:
+        xg = x.detach().requires_grad_(True)
+        sg = scale.detach().clone().requires_grad_(True)
+
+        def run():
+            xg.grad = None
+            sg.grad = None
+            y = f(xg, sg)
+            y.backward(g)
+            return xg.grad, sg.grad
+    return run
+
+
+def check_lsq(op, x, g, scale, zero_point, grad_factor):
+    """Compare qatx with torch's learnable op: forward, dx (exact) and dscale (rtol 1e-3)."""
+    problems = []
+    outs = {}
+    for impl in ("qatx", "torch"):
+        xg = x.detach().requires_grad_(True)
+        sg = scale.detach().clone().requires_grad_(True)
+        y = lsq_fn(op, impl, zero_point, grad_factor)(xg, sg)
+        y.backward(g)
+        outs[impl] = (y.detach(), xg.grad, sg.grad)
+        del y, xg, sg
+    (ya, dxa, dsa), (yb, dxb, dsb) = outs["qatx"], outs["torch"]
+    for name, a, b in (("forward", ya, yb), ("input gradient", dxa, dxb)):
+        if not torch.equal(a, b):
+            diff = (a - b).abs()
+            problems.append(f"qatx {name} != torch {name} ({int((diff != 0).sum())} of {a.numel()} "
+                            f"elements differ, max abs diff {float(diff.max()):.3g})")
+    if not torch.allclose(dsa, dsb, rtol=1e-3, atol=1e-6):
+        problems.append(f"qatx scale gradient !~ torch scale gradient (max abs diff "
+                        f"{float((dsa - dsb).abs().max()):.3g}, max |torch| {float(dsb.abs().max()):.3g})")
+    return problems
+
+
 def make_runner(op, impl, direction, x, g, scale, zero_point):
     """A zero-argument callable doing one measured unit of work."""
     if impl == "copy":
@@ -222,7 +372,7 @@ def main(argv=None):
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated numels, K/M suffixes = 2^10/2^20 (default {DEFAULT_SIZES})")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per impl (default: 20 up to 4M, 10 up to 16M, 5 above)")
+                   help="timed calls per impl (default: 20 up to 4M, 10 up to 16M, 5 above; 3 above 16M for LSQ)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per impl (default 2)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: sizes {QUICK_SIZES}, 3 repeats, 1 warm-up")
@@ -297,6 +447,55 @@ def main(argv=None):
                 print(f"{SHORT_OP[op]:<12} {direction:<16} {fmt_size(numel):>6} "
                       + " ".join(f"{res[i][0]:>10.3f} {res[i][1]:>11.2f}" for i in IMPLS)
                       + f" {speedup:>9.2f}x {pct:>8.1f}%")
+                sys.stdout.flush()
+                del runners
+            del x, g, scale, zero_point
+
+    print()
+    print("LSQ (learnable scale; zero_point zeros, no grad; grad_factor = 1/sqrt(N_per_scale*quant_max)); "
+          f"range [{QUANT_MIN}, {QUANT_MAX}]")
+    print("useful bytes per element: forward 8 (read x, write y), forward+backward 20 "
+          "(read x, write y; read x, read dy, write dx); fwd+bwd computes dx and dscale")
+    print("comp = composite (pure-PyTorch LSQ through autograd); copy fwd+bwd = copy x->y plus "
+          "add(x, g) -> dx; X/qatx = X time / qatx time (speed-up of qatx over X)")
+    if fixed_repeats is None:
+        print("repeats per size (20/10/3)")
+    print()
+    lsq_header = (f"{'op':<12} {'direction':<16} {'numel':>6} "
+                  + " ".join(f"{LSQ_COL[impl] + ' ms':>10} {LSQ_COL[impl] + ' GB/s':>11}" for impl in LSQ_IMPLS)
+                  + f" {'torch/qatx':>10} {'comp/qatx':>9} {'qatx%copy':>9}")
+    print(lsq_header)
+    print("-" * len(lsq_header))
+    sys.stdout.flush()
+
+    for numel in sizes:
+        repeats = fixed_repeats if fixed_repeats is not None else lsq_repeats(numel)
+        for op in LSQ_OPS:
+            x, g, scale, zero_point, grad_factor = make_lsq_inputs(op, numel, device, gen)
+            for problem in check_lsq(op, x, g, scale, zero_point, grad_factor):
+                print(f"WARNING {LSQ_SHORT_OP[op]:<12} numel {fmt_size(numel)}: {problem}")
+            for direction in DIRECTIONS:
+                runners = {impl: make_lsq_runner(op, impl, direction, x, g, scale, zero_point, grad_factor)
+                           for impl in LSQ_IMPLS}
+                for impl in LSQ_IMPLS:
+                    for _ in range(warmup):
+                        time_call(runners[impl], sync)
+                times = {impl: [] for impl in LSQ_IMPLS}
+                for _ in range(repeats):
+                    for impl in LSQ_IMPLS:
+                        times[impl].append(time_call(runners[impl], sync))
+                nbytes = LSQ_BYTES_PER_ELEM[direction] * numel
+                res = {}
+                for impl in LSQ_IMPLS:
+                    sec = statistics.median(times[impl])
+                    res[impl] = (sec * 1e3, nbytes / sec / 1e9)
+                    rows.append({"op": op, "impl": impl, "device": args.device, "numel": numel,
+                                 "direction": direction, "ms": sec * 1e3, "gbps": nbytes / sec / 1e9})
+                q = res["qatx"][0]
+                print(f"{LSQ_SHORT_OP[op]:<12} {direction:<16} {fmt_size(numel):>6} "
+                      + " ".join(f"{res[i][0]:>10.3f} {res[i][1]:>11.2f}" for i in LSQ_IMPLS)
+                      + f" {res['torch'][0] / q:>9.2f}x {res['composite'][0] / q:>8.2f}x"
+                      + f" {100.0 * res['qatx'][1] / res['copy'][1]:>8.1f}%")
                 sys.stdout.flush()
                 del runners
             del x, g, scale, zero_point

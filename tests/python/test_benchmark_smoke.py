@@ -17,6 +17,7 @@ def test_benchmark_ops_quick(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "qatx forward != torch forward" not in proc.stdout, proc.stdout
+    assert "qatx input gradient != torch input gradient" not in proc.stdout, proc.stdout
 
     rows = json.loads(out.read_text())
     keys = {"op", "impl", "device", "numel", "direction", "ms", "gbps"}
@@ -30,4 +31,8 @@ def test_benchmark_ops_quick(tmp_path):
             for op in ("fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine")
             for impl in ("qatx", "torch", "copy")
             for direction in ("forward", "forward+backward")}
+    want |= {(op, impl, direction)
+             for op in ("fake_quantize_lsq_per_tensor", "fake_quantize_lsq_per_channel")
+             for impl in ("qatx", "torch", "composite", "copy")
+             for direction in ("forward", "forward+backward")}
     assert want <= seen, sorted(want - seen)
