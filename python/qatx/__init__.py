@@ -10,6 +10,9 @@ from .ops import (
     dequantize_per_channel_affine,
     dequantize_per_group_affine,
     dequantize_per_tensor_affine,
+    fake_quantize_lsq,
+    fake_quantize_lsq_per_group,
+    fake_quantize_pact,
     fake_quantize_per_channel_affine,
     fake_quantize_per_group_affine,
     fake_quantize_per_tensor_affine,
@@ -43,4 +46,7 @@ __all__ = [
     "dequantize_per_tensor_affine",
     "dequantize_per_channel_affine",
     "dequantize_per_group_affine",
+    "fake_quantize_lsq",
+    "fake_quantize_lsq_per_group",
+    "fake_quantize_pact",
 ]

@@ -54,6 +54,9 @@ __all__ = [
     "dequantize_per_tensor_affine",
     "dequantize_per_channel_affine",
     "dequantize_per_group_affine",
+    "fake_quantize_lsq",
+    "fake_quantize_lsq_per_group",
+    "fake_quantize_pact",
 ]
 
 
@@ -126,3 +129,100 @@ def dequantize_per_group_affine(input: Tensor, scale: Tensor, zero_point: Tensor
                                 output_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Per-group :func:`dequantize_per_tensor_affine` over the last dimension; the output is contiguous."""
     return torch.ops.qatx.dequantize_per_group_affine(input, scale, zero_point, group_size, output_dtype)
+
+
+# --- learnable quantizers ---------------------------------------------------------------------
+
+def fake_quantize_lsq(input: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int,
+                      grad_factor: float) -> Tensor:
+    r"""Fake-quantize with a learnable scale (LSQ) and, when ``zero_point`` requires grad, a learnable
+    zero point (LSQ+).
+
+    ``scale`` and ``zero_point`` are float32 tensors on the input's device: one element for
+    per-tensor quantization, shape ``[input.shape[axis]]`` for per-channel quantization along
+    ``axis`` (``axis`` must lie in ``[-dim, dim)`` whenever the input has a dimension). In float32,
+    whatever the input dtype (float32, float16, bfloat16; the output has the input's dtype):
+
+    .. math::
+
+        z_r = \mathrm{rint}(\mathrm{clamp}(z, q_{min}, q_{max})), \quad
+        v = x \cdot (1/s), \quad q_u = \mathrm{rint}(v) + z_r, \quad
+        y = (\mathrm{clamp}(q_u, q_{min}, q_{max}) - z_r)\, s
+
+    ``rint`` rounds half to even; ``1/s`` is one float32 division. ``y`` is bit-identical to
+    :func:`fake_quantize_per_tensor_affine` / :func:`fake_quantize_per_channel_affine` with zero
+    point :math:`z_r`, and to ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``
+    for integer-valued zero points. ``quant_min < quant_max`` inside ``[-32768, 32767]``.
+
+    Gradients (:math:`g = \partial L/\partial y`; sums over the elements sharing the qparam):
+
+    .. math::
+
+        \frac{\partial L}{\partial x} = g\cdot\mathbb{1}[q_{min} \le q_u \le q_{max}], \qquad
+        \frac{\partial L}{\partial s} = \gamma \sum g \cdot
+            \begin{cases} \mathrm{rint}(v) - v & q_{min} \le q_u \le q_{max} \\
+                          q_{min} - z_r & q_u < q_{min} \\ q_{max} - z_r & q_u > q_{max} \end{cases},
+        \qquad
+        \frac{\partial L}{\partial z} = \gamma \sum g \cdot
+            \begin{cases} 0 & q_{min} \le q_u \le q_{max} \\ -s & \text{otherwise} \end{cases}
+
+    with :math:`\gamma` = ``grad_factor`` (finite, positive; LSQ suggests
+    ``1 / sqrt(numel_per_scale * quant_max)``). The zero-point gradient is computed only when
+    ``zero_point`` requires grad. The backward is one pass over the input; its sums are
+    deterministic (float32 terms summed in float64 in an order fixed by the shape, not by the
+    thread count). Double backward raises an error.
+
+    Errors (``RuntimeError`` naming the argument and the allowed range): bad quant range, scale
+    not in ``[2**-126, FLT_MAX]`` or NaN zero point (CPU; a device-side assertion on CUDA),
+    scale / zero point not float32 or of the wrong shape or device, axis out of range,
+    ``grad_factor`` not finite or not positive, input not float32/float16/bfloat16.
+    """
+    return torch.ops.qatx.fake_quantize_lsq(input, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+
+def fake_quantize_lsq_per_group(input: Tensor, scale: Tensor, zero_point: Tensor, group_size: int, quant_min: int,
+                                quant_max: int, grad_factor: float) -> Tensor:
+    r""":func:`fake_quantize_lsq` with one learnable scale and zero point per ``group_size`` consecutive
+    elements of the last dimension: ``scale`` and ``zero_point`` have shape
+    ``input.shape[:-1] + [input.shape[-1] // group_size]`` (float32), ``group_size`` divides the
+    last dimension. Same formula, rounding, gradients and errors; the output (and grad_input) is
+    contiguous.
+    """
+    return torch.ops.qatx.fake_quantize_lsq_per_group(input, scale, zero_point, group_size, quant_min, quant_max,
+                                                      grad_factor)
+
+
+def fake_quantize_pact(input: Tensor, alpha: Tensor, bits: int, is_signed: bool) -> Tensor:
+    r"""PACT: fake-quantize the input clipped to a learnable range (Choi et al. 2018).
+
+    ``alpha`` is a one-element float32 tensor (> 0) on the input's device; ``bits`` in
+    ``[2, 16]``. With :math:`n = 2^{bits} - 1` (unsigned) or :math:`2^{bits-1} - 1` (signed,
+    symmetric), scale :math:`s = \mathrm{fl}_{32}(\alpha / n)` and zero point 0:
+
+    .. math::
+
+        y = \mathrm{rint}\big(\mathrm{clip}(x, lo, \alpha) \cdot (1/s)\big)\, s, \qquad
+        lo = \begin{cases} -\alpha & \text{signed} \\ 0 & \text{unsigned} \end{cases}
+
+    computed as :func:`fake_quantize_per_tensor_affine` with that scale, zero point 0 and range
+    ``[-n, n]`` / ``[0, n]`` (the same values: :math:`\mathrm{rint}(\alpha / s) = n`; an input
+    just below 0 gives -0.0 where clipping first would give +0.0). Gradients (straight-through
+    rounding, as in the paper, which ignores the scale's dependence on alpha):
+
+    .. math::
+
+        \frac{\partial L}{\partial x} = g \cdot \mathbb{1}[lo < x < \alpha]
+            \ (\text{unsigned: } 0 \le x < \alpha), \qquad
+        \frac{\partial L}{\partial \alpha} = \sum_{x \ge \alpha} g - \sum_{x \le -\alpha} g
+            \ (\text{the second sum only when signed})
+
+    At ``x == alpha`` the gradient goes to alpha, at ``x == 0`` (unsigned) to the input, at
+    ``x == -alpha`` (signed) to alpha with a minus sign. NaN inputs give NaN and no gradient.
+    The backward is one deterministic pass (float64 sums, fixed order). Double backward raises
+    an error.
+
+    Errors: ``bits`` outside ``[2, 16]``; alpha not positive and finite or alpha / n below
+    2**-126 (CPU; a device-side assertion on CUDA); alpha not float32, not one element, or on
+    another device; input not float32/float16/bfloat16.
+    """
+    return torch.ops.qatx.fake_quantize_pact(input, alpha, bits, is_signed)
