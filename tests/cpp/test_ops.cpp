@@ -4,8 +4,10 @@
 //     per group bit-identical to a reference written as plain tensor ops;
 //   - quantize -> dequantize bit-identical to fake-quantize (int8, uint8, int16);
 //   - the straight-through-estimator gradient from C++, and double backward;
+//   - the learnable quantizers' (LSQ+, PACT) gradients from C++, and the refused double backward;
 //   - argument errors (c10::Error, naming the argument), Meta tensors, op registration.
-// All comparisons are exact (torch::equal), never with a tolerance.
+// All comparisons are exact (torch::equal), except the learnable quantizers' scale and zero-point
+// gradients: sums whose order differs from the reference's, compared to a stated tolerance.
 #include "qatx/qatx.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -126,7 +128,9 @@ TEST(Registration, SchemasAreFoundWithoutTorchScript) {
         "qatx::_fake_quantize_per_group_affine_with_mask", "qatx::_fake_quantize_ste_backward",
         "qatx::quantize_per_tensor_affine", "qatx::quantize_per_channel_affine", "qatx::quantize_per_group_affine",
         "qatx::dequantize_per_tensor_affine", "qatx::dequantize_per_channel_affine",
-        "qatx::dequantize_per_group_affine"}) {
+        "qatx::dequantize_per_group_affine", "qatx::fake_quantize_lsq", "qatx::fake_quantize_lsq_per_group",
+        "qatx::fake_quantize_pact", "qatx::_fake_quantize_lsq_backward", "qatx::_fake_quantize_lsq_per_group_backward",
+        "qatx::_fake_quantize_pact_backward"}) {
     EXPECT_TRUE(dispatcher.findSchema({name, ""}).has_value()) << name;
   }
   EXPECT_FALSE(dispatcher.findSchema({"qatx::no_such_op", ""}).has_value());
@@ -489,6 +493,64 @@ TEST_F(OpsTest, DoubleBackwardGivesTheMaskAgain) {
   const Tensor v = torch::randn_like(grad_x);
   const Tensor grad_g_v = torch::autograd::grad({grad_x}, {g}, {v})[0];
   EXPECT_TRUE(torch::equal(grad_g_v, masked(mask, v)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Learnable quantizers from C++: LSQ+ and PACT gradients through autograd
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, LearnableQuantizerBackward) {
+  const QRange r{-8, 7};
+  // Channels-last [N, C, H, W], per-channel along C; zero points fractional and out of range.
+  Tensor x = random_input({3, 4, 5, 6}).div(10.0f).contiguous(at::MemoryFormat::ChannelsLast).requires_grad_();
+  Tensor s = torch::tensor({0.02f, 0.05f, 0.1f, 0.0625f}).requires_grad_();
+  Tensor z = torch::tensor({0.4f, -2.5f, 9.0f, 3.0f}).requires_grad_();
+  const double grad_factor = 0.25;
+  const Tensor y = qatx::ops::fake_quantize_lsq(x, s, z, 1, r.qmin, r.qmax, grad_factor);
+  const Tensor g = torch::randn_like(y);
+  y.backward(g);
+
+  // Reference: z_r = rint(clamp(z)), v = x * (1 / s), q_u = rint(v) + z_r.
+  const Tensor zr = torch::round(torch::clamp(z.detach(), r.qmin, r.qmax));
+  const Tensor sb = along_axis(s.detach(), 4, 1), zb = along_axis(zr, 4, 1);
+  const Tensor v = x.detach() * sb.reciprocal();
+  const Tensor q = torch::round(v) + zb;
+  const Tensor inside = (q >= r.qmin) & (q <= r.qmax);
+  ASSERT_GT(inside.sum().item<int64_t>(), 0);
+  ASSERT_LT(inside.sum().item<int64_t>(), inside.numel());
+  EXPECT_TRUE(torch::equal(y, ref_fake_quantize(x.detach(), sb, zb, r)));
+  EXPECT_TRUE(torch::equal(x.grad(), masked(inside, g)));  // exact
+  const std::vector<int64_t> dims{0, 2, 3};
+  const Tensor gd = g.to(torch::kDouble), vd = v.to(torch::kDouble);
+  const Tensor qd = torch::clamp(q, r.qmin, r.qmax).to(torch::kDouble), zd = zb.to(torch::kDouble);
+  const Tensor ds = grad_factor * (gd * torch::where(inside, torch::round(vd) - vd, qd - zd)).sum(dims);
+  const Tensor dz = grad_factor * (gd * torch::where(inside, torch::zeros_like(gd), -sb.to(torch::kDouble))).sum(dims);
+  // Float32 terms summed in float64, against float64 sums: a few float32 ulps of the magnitudes.
+  const Tensor ds_mag = grad_factor * (gd.abs() * (vd.abs() + (qd - zd).abs())).sum(dims);
+  const Tensor dz_mag = grad_factor * (gd.abs() * sb.to(torch::kDouble)).sum(dims);
+  EXPECT_TRUE(((s.grad().to(torch::kDouble) - ds).abs() <= 1e-6 * ds_mag).all().item<bool>());
+  EXPECT_TRUE(((z.grad().to(torch::kDouble) - dz).abs() <= 1e-6 * dz_mag).all().item<bool>());
+
+  // The backward op gives the same bits; without the zero point's gradient it returns none.
+  auto [gx, gs, gz] =
+      qatx::ops::_fake_quantize_lsq_backward(g, x.detach(), s.detach(), z.detach(), 1, r.qmin, r.qmax, grad_factor, true);
+  EXPECT_TRUE(torch::equal(gx, x.grad()) && torch::equal(gs, s.grad()) && torch::equal(gz, z.grad()));
+  auto [gx2, gs2, gz2] = qatx::ops::_fake_quantize_lsq_backward(g, x.detach(), s.detach(), z.detach(), 1, r.qmin,
+                                                                r.qmax, grad_factor, false);
+  EXPECT_TRUE(torch::equal(gs2, gs));
+  EXPECT_FALSE(gz2.defined());
+
+  // Double backward is refused with a message naming the op.
+  const Tensor gs_graph = torch::autograd::grad({qatx::ops::fake_quantize_lsq(x, s, z, 1, r.qmin, r.qmax, 1.0).sum()},
+                                                {s}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+  EXPECT_ERROR_MENTIONS(gs_graph.sum().backward(), "double backward is not supported");
+
+  // PACT, signed 4-bit: the gradient reaches the input inside (-alpha, alpha), alpha at the clip.
+  Tensor xp = torch::tensor({-2.0f, -1.0f, -0.5f, 0.0f, 0.5f, 1.0f, 2.0f}).requires_grad_();
+  Tensor alpha = torch::tensor({1.0f}).requires_grad_();
+  qatx::ops::fake_quantize_pact(xp, alpha, 4, true).backward(torch::arange(1.0f, 8.0f));
+  EXPECT_TRUE(torch::equal(xp.grad(), torch::tensor({0.0f, 0.0f, 3.0f, 4.0f, 5.0f, 0.0f, 0.0f})));
+  EXPECT_EQ(alpha.grad().item<float>(), (6.0f + 7.0f) - (1.0f + 2.0f));
 }
 
 // ---------------------------------------------------------------------------------------------

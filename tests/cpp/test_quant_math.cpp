@@ -5,11 +5,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -339,6 +341,207 @@ TEST(QParamIndex, PerGroupWholeRow) {
   // group_size = last dimension: one qparam per row.
   const QParamIndex index{8, 5};
   for (int64_t p = 0; p < 40; ++p) EXPECT_EQ(index(p), p / 8);
+}
+
+// ---- learnable quantizers -------------------------------------------------------------------
+
+// scale 0.25 (inv_scale 4), zero point 2, range [-8, 7], incoming gradient 2: every value below
+// is exact in float32.
+constexpr float kS = 0.25f, kInv = 4.0f, kZ = 2.0f, kMin = -8.0f, kMax = 7.0f, kG = 2.0f;
+
+TEST(LsqGradTerms, InsideTheRange) {
+  // v = 1.5 (a tie) rounds to 2: g * (2 - 1.5); no zero-point term.
+  LsqGradTerms t = lsq_grad_terms(0.375f, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_TRUE(t.in_range);
+  EXPECT_FLOAT_BITS_EQ(t.scale, 1.0f);
+  EXPECT_FLOAT_BITS_EQ(t.zero_point, 0.0f);
+  // v = 0.5 rounds to 0: g * (0 - 0.5).
+  t = lsq_grad_terms(0.125f, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_TRUE(t.in_range);
+  EXPECT_FLOAT_BITS_EQ(t.scale, -1.0f);
+  // v = -0.75 rounds to -1: g * (-1 + 0.75).
+  t = lsq_grad_terms(-0.1875f, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_FLOAT_BITS_EQ(t.scale, -0.5f);
+  // g = 0 gives no term.
+  t = lsq_grad_terms(0.375f, 0.0f, kS, kInv, kZ, kMin, kMax);
+  EXPECT_FLOAT_BITS_EQ(t.scale, 0.0f);
+}
+
+TEST(LsqGradTerms, RangeBoundariesAreInside) {
+  // v = -10: q_u = -8 = quant_min; v = 5: q_u = 7 = quant_max. rint(v) - v = 0.
+  for (const float x : {-2.5f, 1.25f}) {
+    const LsqGradTerms t = lsq_grad_terms(x, kG, kS, kInv, kZ, kMin, kMax);
+    EXPECT_TRUE(t.in_range) << x;
+    EXPECT_FLOAT_BITS_EQ(t.scale, 0.0f);
+    EXPECT_FLOAT_BITS_EQ(t.zero_point, 0.0f);
+  }
+}
+
+TEST(LsqGradTerms, BelowAndAboveTheRange) {
+  // v = -12: q_u = -10 < -8: g * (quant_min - z) and -g * s.
+  LsqGradTerms t = lsq_grad_terms(-3.0f, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_FALSE(t.in_range);
+  EXPECT_FLOAT_BITS_EQ(t.scale, -20.0f);
+  EXPECT_FLOAT_BITS_EQ(t.zero_point, -0.5f);
+  // v = -10.5 rounds to -10 (even): q_u = -8, inside; v = -10.75: q_u = -9, below.
+  EXPECT_TRUE(lsq_grad_terms(-2.625f, kG, kS, kInv, kZ, kMin, kMax).in_range);
+  EXPECT_FALSE(lsq_grad_terms(-2.6875f, kG, kS, kInv, kZ, kMin, kMax).in_range);
+  // v = 12: q_u = 14 > 7: g * (quant_max - z) and -g * s.
+  t = lsq_grad_terms(3.0f, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_FALSE(t.in_range);
+  EXPECT_FLOAT_BITS_EQ(t.scale, 10.0f);
+  EXPECT_FLOAT_BITS_EQ(t.zero_point, -0.5f);
+  // +Inf saturates above, -Inf below.
+  EXPECT_FLOAT_BITS_EQ(lsq_grad_terms(kInf, kG, kS, kInv, kZ, kMin, kMax).scale, 10.0f);
+  EXPECT_FLOAT_BITS_EQ(lsq_grad_terms(-kInf, kG, kS, kInv, kZ, kMin, kMax).scale, -20.0f);
+}
+
+TEST(LsqGradTerms, NaNInputIsOutsideWithANaNScaleTerm) {
+  const LsqGradTerms t = lsq_grad_terms(kNaN, kG, kS, kInv, kZ, kMin, kMax);
+  EXPECT_FALSE(t.in_range);
+  EXPECT_TRUE(std::isnan(t.scale));
+  EXPECT_FLOAT_BITS_EQ(t.zero_point, -0.5f);
+}
+
+TEST(LsqGradTerms, AgreesWithFakeQuantizeMask) {
+  // The backward's in_range is the forward's STE mask bit, for every x on a fine grid.
+  for (int k = -4000; k <= 4000; ++k) {
+    const float x = static_cast<float>(k) * 0.001f;
+    bool mask;
+    fake_quantize_value(x, kS, kInv, kZ, kMin, kMax, mask);
+    ASSERT_EQ(lsq_grad_terms(x, kG, kS, kInv, kZ, kMin, kMax).in_range, mask) << x;
+  }
+}
+
+TEST(Pact, Levels) {
+  EXPECT_EQ(pact_levels(2, false), 3);
+  EXPECT_EQ(pact_levels(2, true), 1);
+  EXPECT_EQ(pact_levels(4, false), 15);
+  EXPECT_EQ(pact_levels(4, true), 7);
+  EXPECT_EQ(pact_levels(8, false), 255);
+  EXPECT_EQ(pact_levels(8, true), 127);
+  EXPECT_EQ(pact_levels(16, false), 65535);
+  EXPECT_EQ(pact_levels(16, true), 32767);
+}
+
+TEST(Pact, InRangeBoundaries) {
+  const float a = 0.75f;
+  const float below_a = std::nextafter(a, 0.0f), above_a = std::nextafter(a, 1.0f);
+  // unsigned: 0 <= x < alpha
+  EXPECT_TRUE(pact_in_range(0.0f, a, false));
+  EXPECT_TRUE(pact_in_range(-0.0f, a, false));
+  EXPECT_FALSE(pact_in_range(-1e-30f, a, false));
+  EXPECT_TRUE(pact_in_range(below_a, a, false));
+  EXPECT_FALSE(pact_in_range(a, a, false));
+  EXPECT_FALSE(pact_in_range(above_a, a, false));
+  // signed: -alpha < x < alpha
+  EXPECT_TRUE(pact_in_range(-0.5f, a, true));
+  EXPECT_TRUE(pact_in_range(-below_a, a, true));
+  EXPECT_FALSE(pact_in_range(-a, a, true));
+  EXPECT_FALSE(pact_in_range(a, a, true));
+  EXPECT_FALSE(pact_in_range(kNaN, a, true));
+  EXPECT_FALSE(pact_in_range(kNaN, a, false));
+}
+
+TEST(Pact, AlphaTerm) {
+  const float a = 0.75f;
+  for (const bool is_signed : {false, true}) {
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(a, 3.0f, a, is_signed), 3.0f);
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(5.0f, 3.0f, a, is_signed), 3.0f);
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(kInf, 3.0f, a, is_signed), 3.0f);
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(std::nextafter(a, 0.0f), 3.0f, a, is_signed), 0.0f);
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(0.0f, 3.0f, a, is_signed), 0.0f);
+    EXPECT_FLOAT_BITS_EQ(pact_alpha_term(kNaN, 3.0f, a, is_signed), 0.0f);
+  }
+  // Below -alpha: -g when signed, nothing when unsigned (the clip at 0 does not depend on alpha).
+  EXPECT_FLOAT_BITS_EQ(pact_alpha_term(-a, 3.0f, a, true), -3.0f);
+  EXPECT_FLOAT_BITS_EQ(pact_alpha_term(-5.0f, 3.0f, a, true), -3.0f);
+  EXPECT_FLOAT_BITS_EQ(pact_alpha_term(-a, 3.0f, a, false), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(pact_alpha_term(std::nextafter(-a, 0.0f), 3.0f, a, true), 0.0f);
+}
+
+// ---- reductions over the elements sharing a qparam ----------------------------------------
+
+TEST(QParamRuns, Granularities) {
+  const auto eq = [](QParamRuns r, int64_t o, int64_t c, int64_t i) {
+    return r.outer == o && r.channels == c && r.inner == i;
+  };
+  EXPECT_TRUE(eq(qparam_runs({24, 1}, 24), 1, 1, 24));        // per-tensor
+  EXPECT_TRUE(eq(qparam_runs({4, 3}, 24), 2, 3, 4));          // contiguous [2, 3, 4], axis 1
+  EXPECT_TRUE(eq(qparam_runs({12, 2}, 24), 1, 2, 12));        // axis 0
+  EXPECT_TRUE(eq(qparam_runs({1, 4}, 24), 6, 4, 1));          // last axis
+  EXPECT_TRUE(eq(qparam_runs({1, 3}, 2 * 3 * 2 * 2), 8, 3, 1));  // channels-last [2, 3, 2, 2], axis 1
+  EXPECT_TRUE(eq(qparam_runs({4, 12}, 48), 1, 12, 4));        // per-group, group_size 4
+}
+
+// Every element lies in exactly one tile, inside the tile's channel range; each (partial row,
+// channel) belongs to exactly one tile; row segments stay within their bounds.
+void check_tiling(QParamRuns runs, int64_t segment, int64_t long_run, int64_t min_run) {
+  const ReductionTiling t = make_reduction_tiling(runs, segment, long_run, min_run);
+  const int64_t numel = runs.outer * runs.channels * runs.inner;
+  const QParamIndex index{runs.inner, runs.channels};
+  std::vector<int> covered(numel, 0);
+  std::vector<int> owned(t.partial_rows() * runs.channels, 0);
+  for (int64_t k = 0; k < t.num_tiles(); ++k) {
+    const ReductionTile tile = t.tile(k);
+    const int64_t length = (tile.c1 - tile.c0) * (tile.i1 - tile.i0);
+    if (tile.c1 - tile.c0 > 1) {
+      ASSERT_EQ(tile.i1 - tile.i0, runs.inner);  // several channels only with whole runs
+      ASSERT_LE(length, segment);
+    } else {
+      ASSERT_LE(length, std::max(segment, long_run));
+    }
+    for (int64_t c = tile.c0; c < tile.c1; ++c) owned[tile.partial_row * runs.channels + c] += 1;
+    for (int64_t o = tile.o0; o < tile.o1; ++o) {
+      const int64_t p0 = (o * runs.channels + tile.c0) * runs.inner + tile.i0;
+      for (int64_t j = 0; j < length; ++j) {
+        const int64_t p = p0 + j;
+        covered[p] += 1;
+        const int64_t c = index(p);
+        ASSERT_TRUE(c >= tile.c0 && c < tile.c1) << "p " << p;
+      }
+    }
+  }
+  for (int64_t p = 0; p < numel; ++p) ASSERT_EQ(covered[p], 1) << "p " << p;
+  for (const int n : owned) ASSERT_EQ(n, 1);
+  // Few partial sums: at most 2 numel / min(min_run, segment, long_run) + 2 channels.
+  EXPECT_LE(t.partial_rows() * runs.channels,
+            2 * numel / std::min(min_run, std::min(segment, long_run)) + 2 * runs.channels);
+}
+
+TEST(ReductionTiling, CoversEveryElementOnce) {
+  for (const QParamRuns runs : {QParamRuns{1, 1, 5000}, QParamRuns{1, 1, 512}, QParamRuns{1, 1, 7},
+                                QParamRuns{3, 40, 561}, QParamRuns{1400, 33, 1}, QParamRuns{5, 8, 300},
+                                QParamRuns{1, 700, 3}, QParamRuns{1, 2400, 1}, QParamRuns{7, 5, 129},
+                                QParamRuns{2, 3, 4096}, QParamRuns{9, 1000, 2}}) {
+    check_tiling(runs, 512, 512, 512);    // the CPU kernels' constants
+    check_tiling(runs, 256, 4096, 512);   // the CUDA kernels' constants
+    check_tiling(runs, 8, 16, 3);         // small constants: many partial tiles
+  }
+}
+
+TEST(ReductionTiling, ShapesOfTheTwoModes) {
+  // Long runs: one channel per tile, chunks of long_run.
+  ReductionTiling t = make_reduction_tiling({3, 40, 1500}, 512, 512, 512);
+  EXPECT_EQ(t.run, 512);
+  EXPECT_EQ(t.chunks(), 3);
+  EXPECT_EQ(t.tile_channels, 1);
+  EXPECT_EQ(t.tile_rows, 1);
+  EXPECT_EQ(t.partial_rows(), 9);
+  // A run that is one chunk: several rows per tile.
+  t = make_reduction_tiling({10, 4, 1000}, 256, 4096, 512);
+  EXPECT_EQ(t.run, 1000);
+  EXPECT_EQ(t.tile_rows, 5);
+  EXPECT_EQ(t.partial_rows(), 2);
+  // Short runs (channels-last): whole runs of several channels, rows for min_run elements.
+  t = make_reduction_tiling({1000, 64, 1}, 512, 512, 512);
+  EXPECT_EQ(t.tile_channels, 64);
+  EXPECT_EQ(t.tile_rows, 512);
+  EXPECT_EQ(t.partial_rows(), 2);
+  t = make_reduction_tiling({1, 5000, 4}, 256, 4096, 512);
+  EXPECT_EQ(t.tile_channels, 64);
+  EXPECT_EQ(t.tile_rows, 1);
+  EXPECT_EQ(t.partial_rows(), 1);
 }
 
 TEST(Constants, QuantRange) {

@@ -206,7 +206,8 @@ struct ReductionTile {
 // elements in a fixed order into one partial sum per channel, and each (partial_row, channel)
 // belongs to exactly one tile; the final sum runs over the partial rows in order. So the result
 // depends only on the shape and the tiling constants, never on how many threads (or thread
-// blocks) run the tiles, and there are about numel / min_run + channels partial sums.
+// blocks) run the tiles. There are at most 2 numel / min(segment, long_run, min_run) + 2 channels
+// partial sums.
 struct ReductionTiling {
   int64_t outer, channels, inner;
   int64_t run;            // inner positions per tile: all of them, or chunks of a long run

@@ -8,7 +8,7 @@
 // inner], into tiles that depend only on its shape; each tile sums its terms per channel in a
 // fixed order into one partial sum (float32 terms, float64 sums), and each channel's partials
 // are then added in row order. So the bits of grad_scale do not depend on the thread count.
-// Partials take about numel / kBlock + channels doubles; there are no atomics.
+// Partials take at most 2 numel / kBlock + 2 channels doubles; there are no atomics.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

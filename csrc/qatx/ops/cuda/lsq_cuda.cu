@@ -10,8 +10,8 @@
 //   2. one warp per qparam adds its partials in a fixed order and writes the float32 gradient.
 // The tiles depend only on the shape, so the result does not depend on the grid size; there are
 // no atomics, no host synchronisation (qparam values are checked by device-side assertions),
-// the kernels run on the current stream and index with 64 bits. Partials take about
-// numel / 512 + channels doubles.
+// the kernels run on the current stream and index with 64 bits. Partials take at most
+// numel / 128 + 2 channels doubles.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
