@@ -50,6 +50,25 @@ QATX_HOST_DEVICE float clamp_nan_propagating(float v, float lo, float hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
+// c ? a : b without a branch. GCC (with its default -ftrapping-math) may not speculate a
+// floating-point operation, so `c ? f(x) : g(x)` whose operands it sinks into the two branches
+// stays a branch, and the whole loop stays scalar; selecting the bit patterns keeps both operands
+// computed unconditionally and the loop vectorizable (a blend). Device code has no such issue.
+QATX_HOST_DEVICE float select(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  uint32_t ai, bi;
+  std::memcpy(&ai, &a, sizeof ai);
+  std::memcpy(&bi, &b, sizeof bi);
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  const uint32_t r = (ai & mask) | (bi & ~mask);
+  float out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+#endif
+}
+
 // Unclamped quantized value rint(x * inv_scale) + zero_point.
 QATX_HOST_DEVICE float quantize_unclamped(float x, float inv_scale, float zero_point) {
   return round_half_even(x * inv_scale) + zero_point;
@@ -136,8 +155,8 @@ struct QParamIndex {
 // with v = x * inv_scale and q_u = rint(v) + z, as in the forward (z is the learnable zero point
 // already rounded to an integer in [quant_min, quant_max]). The sums of these terms over
 // the elements sharing a scale, times grad_factor, are grad_scale and grad_zero_point.
-// (q - z) is rint(v) exactly inside the range (integers below 2^24), so the scale term is one
-// subtraction and one product. A NaN input is outside the range; its scale term is NaN.
+// Each term is one subtraction and one product in float32. A NaN input is outside the range;
+// its scale term is NaN (clamp keeps NaN).
 struct LsqGradTerms {
   bool in_range;
   float scale;
@@ -147,11 +166,12 @@ struct LsqGradTerms {
 QATX_HOST_DEVICE LsqGradTerms lsq_grad_terms(float x, float g, float scale, float inv_scale, float zero_point,
                                              float quant_min, float quant_max) {
   const float v = x * inv_scale;
-  const float q_unclamped = round_half_even(v) + zero_point;
+  const float r = round_half_even(v);
+  const float q_unclamped = r + zero_point;
   const bool in_range = in_quant_range(q_unclamped, quant_min, quant_max);
-  const float q = clamp_nan_propagating(q_unclamped, quant_min, quant_max);
-  const float d_scale = (q - zero_point) - (in_range ? v : 0.0f);
-  return {in_range, g * d_scale, in_range ? 0.0f : -(g * scale)};
+  const float d_scale_inside = r - v;
+  const float d_scale_outside = clamp_nan_propagating(q_unclamped, quant_min, quant_max) - zero_point;
+  return {in_range, g * select(in_range, d_scale_inside, d_scale_outside), select(in_range, 0.0f, -(g * scale))};
 }
 
 // PACT (Choi et al. 2018) quantizes clip(x, lo, alpha), lo = -alpha (signed) or 0 (unsigned),
@@ -165,14 +185,15 @@ QATX_HOST_DEVICE constexpr int64_t pact_levels(int64_t bits, bool is_signed) {
 // or 0 <= x < alpha (unsigned): the clip's derivative is 1 there (the rounding is a straight
 // through estimator) and 0 where the clip saturates. NaN is outside.
 QATX_HOST_DEVICE bool pact_in_range(float x, float alpha, bool is_signed) {
-  return (is_signed ? x > -alpha : x >= 0.0f) & (x < alpha);
+  const bool above_lower = is_signed ? x > -alpha : x >= 0.0f;
+  return above_lower & (x < alpha);
 }
 
 // One element's share of grad_alpha: g where x >= alpha, -g where x <= -alpha (signed), else 0.
 // The clipped value alpha (or -alpha) is the element's output there; the dependence of the
 // scale on alpha is ignored, as in the paper.
 QATX_HOST_DEVICE float pact_alpha_term(float x, float g, float alpha, bool is_signed) {
-  return x >= alpha ? g : ((is_signed & (x <= -alpha)) ? -g : 0.0f);
+  return select(x >= alpha, g, select(is_signed & (x <= -alpha), -g, 0.0f));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ QATX_ALWAYS_INLINE void add_to_channels(const float* a, int64_t channels, int64_
 // summed per channel (one-channel tiles through the 8 lanes, added 0..7 at the end) and written
 // to partials[k][tile.partial_row][channel].
 template <int kSums, typename RowFn>
-QATX_ALWAYS_INLINE void reduce_tile(const ReductionTiling& tiling, const ReductionTile& tile, RowFn&& row,
+QATX_ALWAYS_INLINE void reduce_tile(const ReductionTiling& tiling, const ReductionTile& tile, const RowFn& row,
                                     double* partials) {
   const int64_t tile_channels = tile.c1 - tile.c0;
   const int64_t n = tile_channels * (tile.i1 - tile.i0);
@@ -87,17 +87,46 @@ QATX_ALWAYS_INLINE void reduce_tile(const ReductionTiling& tiling, const Reducti
   }
 }
 
+// The row functions of reduce_tile are functors with always-inlined calls, not lambdas: a lambda
+// is a function of its own, compiled for the baseline ISA, whereas the loop must be inlined into
+// the multi-ISA clone to use its vectors.
 template <typename T, bool kZeroPoint, typename QP>
-QATX_ALWAYS_INLINE void lsq_backward_row(const T* x, const T* g, T* gx, int64_t n, const QP& qp, float qmin,
-                                         float qmax, float (*terms)[kBlock]) {
-  for (int64_t j = 0; j < n; ++j) {
-    const math::LsqGradTerms t = math::lsq_grad_terms(static_cast<float>(x[j]), static_cast<float>(g[j]),
-                                                      qp.scale(j), qp.inv_scale(j), qp.zero_point(j), qmin, qmax);
-    gx[j] = t.in_range ? g[j] : T(0);
-    terms[0][j] = t.scale;
-    if constexpr (kZeroPoint) terms[1][j] = t.zero_point;
+struct LsqBackwardRow {
+  const T* x;
+  const T* g;
+  T* gx;
+  const QP& qp;
+  float qmin, qmax;
+
+  QATX_ALWAYS_INLINE void operator()(int64_t p0, int64_t n, float (*terms)[kBlock]) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const T gj = g[p0 + j];
+      const math::LsqGradTerms t = math::lsq_grad_terms(static_cast<float>(x[p0 + j]), static_cast<float>(gj),
+                                                        qp.scale(j), qp.inv_scale(j), qp.zero_point(j), qmin, qmax);
+      gx[p0 + j] = t.in_range ? gj : T(0);
+      terms[0][j] = t.scale;
+      if constexpr (kZeroPoint) terms[1][j] = t.zero_point;
+    }
   }
-}
+};
+
+template <typename T>
+struct PactBackwardRow {
+  const T* x;
+  const T* g;
+  T* gx;
+  float alpha;
+  bool is_signed;
+
+  QATX_ALWAYS_INLINE void operator()(int64_t p0, int64_t n, float (*terms)[kBlock]) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const float xf = static_cast<float>(x[p0 + j]);
+      const T gj = g[p0 + j];
+      gx[p0 + j] = math::pact_in_range(xf, alpha, is_signed) ? gj : T(0);
+      terms[0][j] = math::pact_alpha_term(xf, static_cast<float>(gj), alpha, is_signed);
+    }
+  }
+};
 
 template <typename T, bool kZeroPoint>
 QATX_CPU_CLONES void lsq_backward_tiles(const T* x, const T* g, T* gx, const float* scale, const float* zero_point,
@@ -107,16 +136,10 @@ QATX_CPU_CLONES void lsq_backward_tiles(const T* x, const T* g, T* gx, const flo
   cpu::PerElementQParams gathered;
   for (int64_t i = tile_begin; i < tile_end; ++i) {
     const ReductionTile tile = tiling.tile(i);
-    const auto run = [&](const auto& qp) {
-      reduce_tile<kSums>(
-          tiling, tile,
-          [&](int64_t p0, int64_t n, float (*terms)[kBlock]) {
-            lsq_backward_row<T, kZeroPoint>(x + p0, g + p0, gx + p0, n, qp, qmin, qmax, terms);
-          },
-          partials);
-    };
     if (tile.c1 - tile.c0 == 1) {
-      run(cpu::UniformQParams{scale[tile.c0], 1.0f / scale[tile.c0], zero_point[tile.c0]});
+      const cpu::UniformQParams qp{scale[tile.c0], 1.0f / scale[tile.c0], zero_point[tile.c0]};
+      reduce_tile<kSums>(tiling, tile, LsqBackwardRow<T, kZeroPoint, cpu::UniformQParams>{x, g, gx, qp, qmin, qmax},
+                         partials);
       continue;
     }
     // Whole inner runs of several channels: the same per-element qparams for every row.
@@ -127,7 +150,9 @@ QATX_CPU_CLONES void lsq_backward_tiles(const T* x, const T* g, T* gx, const flo
         gathered.z[j] = zero_point[c];
       }
     }
-    run(gathered);
+    reduce_tile<kSums>(tiling, tile,
+                       LsqBackwardRow<T, kZeroPoint, cpu::PerElementQParams>{x, g, gx, gathered, qmin, qmax},
+                       partials);
   }
 }
 
@@ -135,18 +160,8 @@ template <typename T>
 QATX_CPU_CLONES void pact_backward_tiles(const T* x, const T* g, T* gx, float alpha, bool is_signed,
                                          ReductionTiling tiling, int64_t tile_begin, int64_t tile_end,
                                          double* partials) {
-  for (int64_t i = tile_begin; i < tile_end; ++i) {
-    reduce_tile<1>(
-        tiling, tiling.tile(i),
-        [&](int64_t p0, int64_t n, float (*terms)[kBlock]) {
-          for (int64_t j = 0; j < n; ++j) {
-            const float xf = static_cast<float>(x[p0 + j]);
-            gx[p0 + j] = math::pact_in_range(xf, alpha, is_signed) ? g[p0 + j] : T(0);
-            terms[0][j] = math::pact_alpha_term(xf, static_cast<float>(g[p0 + j]), alpha, is_signed);
-          }
-        },
-        partials);
-  }
+  for (int64_t i = tile_begin; i < tile_end; ++i)
+    reduce_tile<1>(tiling, tiling.tile(i), PactBackwardRow<T>{x, g, gx, alpha, is_signed}, partials);
 }
 
 at::Tensor empty_partials(const ReductionTiling& tiling, int64_t sums, const at::Tensor& like) {
