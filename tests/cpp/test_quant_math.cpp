@@ -343,6 +343,16 @@ TEST(QParamIndex, PerGroupWholeRow) {
   for (int64_t p = 0; p < 40; ++p) EXPECT_EQ(index(p), p / 8);
 }
 
+TEST(Select, PicksBitPatterns) {
+  EXPECT_FLOAT_BITS_EQ(select(true, 1.5f, -2.0f), 1.5f);
+  EXPECT_FLOAT_BITS_EQ(select(false, 1.5f, -2.0f), -2.0f);
+  EXPECT_FLOAT_BITS_EQ(select(true, -0.0f, 0.0f), -0.0f);
+  EXPECT_FLOAT_BITS_EQ(select(false, -0.0f, 0.0f), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(select(true, kInf, kNaN), kInf);
+  EXPECT_TRUE(std::isnan(select(false, kInf, kNaN)));
+  EXPECT_TRUE(std::isnan(select(true, kNaN, 1.0f)));
+}
+
 // ---- learnable quantizers -------------------------------------------------------------------
 
 // scale 0.25 (inv_scale 4), zero point 2, range [-8, 7], incoming gradient 2: every value below
