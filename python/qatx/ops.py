@@ -3,7 +3,9 @@ r"""Typed Python wrappers of the ``torch.ops.qatx`` operators.
 Every function here is a thin, scriptable call of the C++ operator of the same name; the
 operators themselves also work from TorchScript, from C++ (``qatx::ops::...``) and under
 ``torch.compile``. qparams are tensors on the input's device: ``scale`` with a floating dtype
-(used as float32), ``zero_point`` with an integer dtype.
+(used as float32), ``zero_point`` with an integer dtype. The learnable quantizers
+(:func:`fake_quantize_lsq`, :func:`fake_quantize_lsq_per_group`, :func:`fake_quantize_pact`, at
+the end) take float32 parameters instead and return gradients for them too.
 
 Numerics, identical on CPU and CUDA and for float32, float16 and bfloat16 inputs (the math
 runs in float32, the result is rounded once to the input dtype):
