@@ -25,6 +25,10 @@ from . import observers, quantizers
 from .observers import MinMaxObserver, calculate_qparams, quant_range
 from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 
+from . import config, nn, presets
+from .config import QConfig, QuantSpec
+from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepare_qat
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -50,3 +54,6 @@ __all__ = [
     "fake_quantize_lsq_per_group",
     "fake_quantize_pact",
 ]
+
+__all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
+            "enable_observer", "freeze_bn_stats"]

@@ -1,0 +1,150 @@
+r"""Fused Conv+BN(+ReLU) and Linear+BN1d QAT modules with BatchNorm folding simulated in
+training (Jacob et al. 2018, as in torch.ao's ``ConvBn2d``), so that the weights trained are
+the ones a folded integer model runs.
+
+With :math:`f = \gamma / \sqrt{\sigma^2_{run} + \epsilon}` per output channel:
+
+.. math::
+
+    y = \mathrm{BN}\Big(\frac{\mathrm{conv}(q_a(x),\ q_w(W f))}{f} + b\Big)
+
+In training the BN uses the batch statistics (and updates the running ones) exactly as the
+unfused ``conv -> bn`` would; in eval mode, or once the BN statistics are frozen, it uses the
+running statistics, and the output then equals the folded layer
+``conv(q_a(x), q_w(W f)) + (b - \mu_{run}) f + \beta``. :meth:`to_float` returns that folded
+float layer (``nn.Sequential(layer, nn.ReLU())`` for the ReLU variants).
+
+Freezing the BN statistics: :meth:`freeze_bn_stats` (or :func:`qatx.freeze_bn_stats` on a
+model); ``freeze_bn_after=N`` freezes them automatically once the BN has tracked ``N``
+batches, which reads the BN's batch counter on the host each training step (call
+``freeze_bn_stats`` from the training loop instead under ``torch.compile`` or CUDA graphs).
+"""
+from typing import Any, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...config import QConfig
+from . import modules as qat
+
+__all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d", "LinearBn1d"]
+
+
+class _BnFolded:
+    """Mixin placed before a QAT layer class: adds ``bn`` and the folded forward."""
+
+    _BN: type = nn.BatchNorm2d
+    _WITH_RELU = False
+
+    def __init__(self, *args, qconfig: QConfig, eps: float = 1e-5, momentum: float = 0.1, freeze_bn_after: int = -1,
+                 **kwargs):
+        super().__init__(*args, qconfig=qconfig, **kwargs)
+        self.bn = self._BN(self.weight.shape[0], eps=eps, momentum=momentum, device=self.weight.device,
+                           dtype=self.weight.dtype)
+        self.with_relu = self._WITH_RELU
+        self.freeze_bn_after = int(freeze_bn_after)
+        self.bn_frozen = False
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig: QConfig, freeze_bn_after: int = -1):
+        """From ``nn.Sequential(layer, bn)`` (``(layer, bn, nn.ReLU())`` for the ReLU variants),
+        sharing their parameters and buffers."""
+        expected = [cls._FLOAT_MODULE, cls._BN] + ([nn.ReLU] if cls._WITH_RELU else [])
+        if not isinstance(mod, nn.Sequential) or [type(m) for m in mod] != expected:
+            raise TypeError(f"{cls.__name__}.from_float expects nn.Sequential of "
+                            f"{', '.join(t.__name__ for t in expected)}, got {mod!r}")
+        layer, bn = mod[0], mod[1]
+        if not (bn.affine and bn.track_running_stats) or bn.num_features != layer.weight.shape[0]:
+            raise ValueError(f"{cls.__name__}: the BatchNorm must be affine, track running statistics and have "
+                             f"{layer.weight.shape[0]} features, got {bn!r}")
+        new = qat.QATModule.from_float.__func__(cls, layer, qconfig)
+        new.bn = bn
+        new.freeze_bn_after = int(freeze_bn_after)
+        return new.train(layer.training)
+
+    @torch.jit.export
+    def freeze_bn_stats(self, frozen: bool = True) -> None:
+        """Use (and stop updating) the running statistics in training."""
+        self.bn_frozen = frozen
+
+    def _fold_factor(self) -> Tensor:
+        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        f = self._fold_factor()
+        w_shape = [-1] + [1] * (self.weight.dim() - 1)
+        y = self._apply_weight(self.input_quantizer(input), self.weight_quantizer(self.weight * f.reshape(w_shape)),
+                               None)
+        c_shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y / f.reshape(c_shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(c_shape)
+        y = self._batch_norm(y)
+        if self.with_relu:
+            y = F.relu(y)
+        return y
+
+    def _batch_norm(self, y: Tensor) -> Tensor:
+        bn = self.bn
+        if self.training and not self.bn_frozen and self.freeze_bn_after >= 0:
+            if int(bn.num_batches_tracked) >= self.freeze_bn_after:  # host read, see the module docstring
+                self.bn_frozen = True
+        if self.training and not self.bn_frozen:
+            return bn(y)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    def to_float(self) -> nn.Module:
+        """The float layer with BN folded in exactly (running statistics)."""
+        with torch.no_grad():
+            f = self._fold_factor()
+            weight = self.weight * f.reshape([-1] + [1] * (self.weight.dim() - 1))
+            bias = self.bias if self.bias is not None else torch.zeros_like(f)
+            bias = (bias - self.bn.running_mean) * f + self.bn.bias
+        layer = self._make_float(nn.Parameter(weight), nn.Parameter(bias))
+        return nn.Sequential(layer, nn.ReLU()) if self.with_relu else layer
+
+    @torch.jit.unused
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"bn_frozen": self.bn_frozen, "freeze_bn_after": self.freeze_bn_after}
+
+    @torch.jit.unused
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.bn_frozen = state["bn_frozen"]
+        self.freeze_bn_after = state["freeze_bn_after"]
+
+    def extra_repr(self) -> str:
+        parts: List[str] = [super().extra_repr()]
+        if self.freeze_bn_after >= 0:
+            parts.append(f"freeze_bn_after={self.freeze_bn_after}")
+        if self.bn_frozen:
+            parts.append("bn_frozen=True")
+        return ", ".join(parts)
+
+
+class ConvBn1d(_BnFolded, qat.Conv1d):
+    _BN = nn.BatchNorm1d
+
+
+class ConvBn2d(_BnFolded, qat.Conv2d):
+    _BN = nn.BatchNorm2d
+
+
+class ConvBn3d(_BnFolded, qat.Conv3d):
+    _BN = nn.BatchNorm3d
+
+
+class ConvBnReLU1d(ConvBn1d):
+    _WITH_RELU = True
+
+
+class ConvBnReLU2d(ConvBn2d):
+    _WITH_RELU = True
+
+
+class ConvBnReLU3d(ConvBn3d):
+    _WITH_RELU = True
+
+
+class LinearBn1d(_BnFolded, qat.Linear):
+    _BN = nn.BatchNorm1d

@@ -1,0 +1,204 @@
+r"""QAT modules: float layers whose weight (and input activation) are fake-quantized in the
+forward, so training sees the quantization error while the float weights get the gradients.
+
+Each class subclasses the float layer it replaces (a QAT ``Linear`` is an ``nn.Linear``), so
+its parameters, ``state_dict`` keys and options are the float layer's, plus two quantizer
+children: ``weight_quantizer`` and ``input_quantizer`` (``nn.Identity`` when the config has no
+activation spec, and always for ``Embedding``, whose input is indices).
+
+Per-channel weight scales are per output channel: axis 0 of Linear, Conv and Embedding
+weights (per embedding row); for ConvTranspose, whose weight is ``[in, out/groups, *k]``, the
+weight is viewed as ``[in/groups, out, *k]`` (output channel ``g*out/groups + j`` is column
+``j`` of group ``g``) and quantized along axis 1, so every output channel has its own scale
+for any ``groups``. Per-group weight quantization (groups along the last dimension) is for
+Linear and Embedding weights; Conv weights refuse it.
+"""
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...config import QConfig
+
+__all__ = ["QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+           "ConvTranspose3d", "Embedding"]
+
+
+class QATModule:
+    """Shared behaviour of the QAT layers (a mixin placed before the float class).
+
+    ``__init__`` takes the float layer's arguments plus ``qconfig``; :meth:`from_float` swaps a
+    float layer in, sharing its parameters (so meta-device models stay unallocated);
+    :meth:`to_float` returns the float layer with the same (unquantized) parameters.
+    """
+
+    _FLOAT_MODULE: type = nn.Module
+    _WEIGHT_AXIS = 0  # output-channel axis of the (viewed) weight
+    _QUANTIZE_INPUT = True
+    _ALLOW_PER_GROUP = True
+
+    def __init__(self, *args, qconfig: QConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(qconfig)
+
+    def _init_quantizers(self, qconfig: QConfig) -> None:
+        if not isinstance(qconfig, QConfig):
+            raise TypeError(f"qconfig must be a qatx.QConfig, got {type(qconfig).__name__}")
+        if qconfig.weight.granularity == "per_group" and not self._ALLOW_PER_GROUP:
+            raise ValueError(f"{type(self).__name__}: per_group weight quantization groups the last weight dimension; "
+                             f"it is supported for Linear and Embedding weights, use per_channel for convolutions")
+        self.qconfig = qconfig
+        with torch.device(self.weight.device):  # quantizer state lives with the weight (meta included)
+            self.weight_quantizer = qconfig.weight.make_quantizer(self._weight_view_shape(), self._WEIGHT_AXIS)
+            act = qconfig.activation if self._QUANTIZE_INPUT else None
+            self.input_quantizer = act.make_quantizer() if act is not None else nn.Identity()
+
+    def _weight_view_shape(self) -> List[int]:
+        return list(self.weight.shape)
+
+    def _quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    @classmethod
+    def _float_kwargs(cls, mod: nn.Module) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig: QConfig):
+        """The QAT layer for the float layer ``mod`` (an exact instance of the float class), sharing its parameters."""
+        if type(mod) is not cls._FLOAT_MODULE:
+            raise TypeError(f"{cls.__name__}.from_float expects a {cls._FLOAT_MODULE.__name__}, got {type(mod).__name__}")
+        # Built on the meta device (nothing allocated or initialised), then given mod's parameters.
+        new = cls(**cls._float_kwargs(mod), qconfig=qconfig, device="meta", dtype=mod.weight.dtype)
+        new.weight = mod.weight
+        if getattr(mod, "bias", None) is not None:
+            new.bias = mod.bias
+        new._init_quantizers(qconfig)  # again, now on the weight's device
+        return new.train(mod.training)
+
+    def _make_float(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
+        kwargs = self._float_kwargs(self)
+        if "bias" in kwargs:
+            kwargs["bias"] = bias is not None
+        mod = self._FLOAT_MODULE(**kwargs, device="meta", dtype=weight.dtype)
+        mod.weight = weight
+        if bias is not None:
+            mod.bias = bias
+        return mod.train(self.training)
+
+    def to_float(self) -> nn.Module:
+        """The float layer with this layer's (shared, unquantized) parameters."""
+        return self._make_float(self.weight, getattr(self, "bias", None))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._apply_weight(self.input_quantizer(input), self._quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        act = self.qconfig.activation if self._QUANTIZE_INPUT else None
+        return (f"{super().extra_repr()}, weight={self.qconfig.weight.describe()}, "
+                f"input={act.describe() if act is not None else 'float'}")
+
+
+class Linear(QATModule, nn.Linear):
+    _FLOAT_MODULE = nn.Linear
+
+    @classmethod
+    def _float_kwargs(cls, mod):
+        return dict(in_features=mod.in_features, out_features=mod.out_features, bias=mod.bias is not None)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
+
+class _Conv(QATModule):
+    _ALLOW_PER_GROUP = False
+
+    @classmethod
+    def _float_kwargs(cls, mod):
+        return dict(in_channels=mod.in_channels, out_channels=mod.out_channels, kernel_size=mod.kernel_size,
+                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                    bias=mod.bias is not None, padding_mode=mod.padding_mode)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return self._conv_forward(x, weight, bias)
+
+
+class Conv1d(_Conv, nn.Conv1d):
+    _FLOAT_MODULE = nn.Conv1d
+
+
+class Conv2d(_Conv, nn.Conv2d):
+    _FLOAT_MODULE = nn.Conv2d
+
+
+class Conv3d(_Conv, nn.Conv3d):
+    _FLOAT_MODULE = nn.Conv3d
+
+
+class _ConvTranspose(QATModule):
+    _ALLOW_PER_GROUP = False
+    _WEIGHT_AXIS = 1
+
+    @classmethod
+    def _float_kwargs(cls, mod):
+        kwargs = _Conv._float_kwargs(mod)
+        kwargs["output_padding"] = mod.output_padding
+        return kwargs
+
+    def _weight_view_shape(self) -> List[int]:
+        shape = list(self.weight.shape)
+        return [shape[0] // self.groups, shape[1] * self.groups] + shape[2:]
+
+    def _quantized_weight(self) -> Tensor:
+        # [in, out/g, *k] -> [in/g, out, *k], quantize per output channel (axis 1), and back.
+        w = self.weight
+        g = self.groups
+        shape = list(w.shape)
+        grouped = [g, shape[0] // g] + shape[1:]
+        v = w.reshape(grouped).transpose(0, 1).reshape(self._weight_view_shape())
+        v = self.weight_quantizer(v)
+        return v.reshape([shape[0] // g, g] + shape[1:]).transpose(0, 1).reshape(shape)
+
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        """Batched input only (``[N, C, *spatial]``)."""
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              len(self.kernel_size), self.dilation)
+        return torch.convolution(self.input_quantizer(input), self._quantized_weight(), self.bias, self.stride,
+                                 self.padding, self.dilation, True, output_padding, self.groups)
+
+
+class ConvTranspose1d(_ConvTranspose, nn.ConvTranspose1d):
+    _FLOAT_MODULE = nn.ConvTranspose1d
+
+
+class ConvTranspose2d(_ConvTranspose, nn.ConvTranspose2d):
+    _FLOAT_MODULE = nn.ConvTranspose2d
+
+
+class ConvTranspose3d(_ConvTranspose, nn.ConvTranspose3d):
+    _FLOAT_MODULE = nn.ConvTranspose3d
+
+
+class Embedding(QATModule, nn.Embedding):
+    """Weight-only: the input is indices. ``max_norm`` and ``sparse`` are not supported (both
+    write to or differentiate the stored weight, not the fake-quantized one)."""
+
+    _FLOAT_MODULE = nn.Embedding
+    _QUANTIZE_INPUT = False
+
+    def __init__(self, *args, qconfig: QConfig, **kwargs):
+        super().__init__(*args, qconfig=qconfig, **kwargs)
+        if self.max_norm is not None or self.sparse:
+            raise ValueError(f"qatx.nn.qat.Embedding supports neither max_norm (got {self.max_norm}) nor "
+                             f"sparse=True (got {self.sparse})")
+
+    @classmethod
+    def _float_kwargs(cls, mod):
+        return dict(num_embeddings=mod.num_embeddings, embedding_dim=mod.embedding_dim, padding_idx=mod.padding_idx,
+                    max_norm=mod.max_norm, norm_type=mod.norm_type, scale_grad_by_freq=mod.scale_grad_by_freq,
+                    sparse=mod.sparse)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(input, self._quantized_weight(), self.padding_idx, None, self.norm_type,
+                           self.scale_grad_by_freq, False)
