@@ -1,0 +1,196 @@
+"""prepare_qat: fusion detection, BN-folding numerics against a reference, freeze-BN, to_float
+folding, overrides and skip, op modules, toggles."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatx
+from qatx import QConfig, QuantSpec, presets
+from qatx.nn import qat
+
+FUSED = [
+    (lambda: nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), qat.ConvBn1d, (4, 3, 10)),
+    (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()), qat.ConvBnReLU2d, (4, 3, 8, 8)),
+    (lambda: nn.Sequential(nn.Conv3d(2, 4, 2, bias=False), nn.BatchNorm3d(4), nn.ReLU()), qat.ConvBnReLU3d,
+     (2, 2, 4, 4, 4)),
+    (lambda: nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6)), qat.LinearBn1d, (8, 10)),
+]
+FUSED_IDS = ["ConvBn1d", "ConvBnReLU2d", "ConvBnReLU3d", "LinearBn1d"]
+
+
+def _randomise_bn(bn, gen):
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(bn.bias.shape, generator=gen))
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("make,fused_cls,shape", FUSED, ids=FUSED_IDS)
+def test_bn_folding_matches_reference(make, fused_cls, shape):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ref = make()
+    _randomise_bn(ref[1], gen)
+    prepared = qatx.prepare_qat(ref, presets.W8A8)
+    fused = prepared[0]
+    assert type(fused) is fused_cls and all(type(m) is nn.Identity for m in prepared[1:])
+    x = torch.randn(shape, generator=gen)
+
+    # Training, quantizers on: reference computed step by step from the definition.
+    layer, bn = copy.deepcopy(ref[0]), copy.deepcopy(ref[1])
+    f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    view = [-1] + [1] * (layer.weight.dim() - 1)
+    wq = torch.fake_quantize_per_channel_affine(
+        layer.weight * f.reshape(view), *_symmetric_qparams(layer.weight * f.reshape(view)), 0, -128, 127)
+    xq = fused.input_quantizer(x.clone())  # the input quantizer is checked in test_qat_modules
+    fused.input_quantizer.disable_observer()
+    c_shape = [1, -1] + [1] * (x.dim() - 2)
+    y_ref = (layer._conv_forward(xq, wq, None) if isinstance(layer, nn.modules.conv._ConvNd) else F.linear(xq, wq)) \
+        / f.reshape(c_shape)
+    if layer.bias is not None:
+        y_ref = y_ref + layer.bias.reshape(c_shape)
+    y_ref = bn(y_ref)
+    if len(ref) == 3:
+        y_ref = F.relu(y_ref)
+    y = fused(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)  # the same ops; BN's reductions are ordered alike
+    torch.testing.assert_close(fused.bn.running_var, bn.running_var, atol=0, rtol=0)
+    torch.testing.assert_close(fused.bn.running_mean, bn.running_mean, atol=0, rtol=0)
+
+    # Quantizers off, train mode: exactly the unfused conv -> bn up to rounding of the /f * f.
+    qatx.enable_fake_quant(prepared, False)
+    ref2 = copy.deepcopy(ref)
+    prepared2 = qatx.enable_fake_quant(qatx.prepare_qat(ref2, presets.W8A8), False)
+    torch.testing.assert_close(prepared2(x), ref2(x), atol=1e-5, rtol=1e-5)
+
+    # Eval: running statistics; to_float() is the exactly folded float layer.
+    prepared2.eval()
+    ref2.eval()
+    folded = prepared2[0].to_float()
+    assert type(folded if len(ref) == 2 else folded[0]) is type(ref[0])
+    torch.testing.assert_close(folded(x), ref2(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prepared2(x), ref2(x), atol=1e-5, rtol=1e-5)
+
+
+def _symmetric_qparams(w):
+    scale = torch.clamp(w.detach().reshape(w.shape[0], -1).abs().amax(1) / 127, min=torch.finfo(torch.float32).eps)
+    return scale, torch.zeros(w.shape[0], dtype=torch.int32)
+
+
+def test_freeze_bn_after_steps_and_explicit_freeze():
+    torch.manual_seed(1)
+    model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), presets.W8A8, freeze_bn_after=2)
+    x = torch.randn(4, 3, 6, 6)
+    model(x)
+    model(x)
+    assert not model[0].bn_frozen and model[0].bn.num_batches_tracked.item() == 2
+    frozen_var = model[0].bn.running_var.clone()
+    model(x * 3)
+    assert model[0].bn_frozen and torch.equal(model[0].bn.running_var, frozen_var)
+    assert "freeze_bn_after=2" in repr(model[0]) and "bn_frozen=True" in repr(model[0])
+    other = qatx.prepare_qat(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), presets.W8A8)
+    qatx.freeze_bn_stats(other)
+    before = other[0].bn.running_mean.clone()
+    other(torch.randn(5, 3))
+    assert torch.equal(other[0].bn.running_mean, before)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()  # shared: used twice, so never fused
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.unused_bn = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.add = qatx.nn.QuantAdd()
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        z = self.conv3(x)  # conv3 -> add, never into a BN
+        return self.relu(self.add(x, y + z))
+
+
+class Branchy(Block):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: does not trace, so only Sequential children fuse
+            return super().forward(x)
+        return x
+
+
+def test_fusion_detection_from_the_graph():
+    model = qatx.prepare_qat(nn.Sequential(Block(), Block()), presets.W8A8)
+    blk = model[0]
+    assert type(blk.conv1) is qat.ConvBn2d and type(blk.bn1) is nn.Identity and type(blk.relu) is nn.ReLU
+    assert type(blk.conv2) is qat.ConvBn2d and type(blk.conv3) is qat.Conv2d
+    assert type(blk.unused_bn) is nn.BatchNorm2d
+    assert blk.add.input_quantizer is not None and isinstance(blk.add.other_quantizer, qatx.FakeQuantize)
+    assert model(torch.randn(2, 4, 6, 6)).shape == (2, 4, 6, 6)
+
+
+def test_fusion_falls_back_to_sequential_children_when_untraceable():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), Branchy())
+    prepared = qatx.prepare_qat(model, presets.W8A8)
+    assert type(prepared[0]) is qat.ConvBnReLU2d
+    assert type(prepared[3].conv1) is qat.Conv2d and type(prepared[3].bn1) is nn.BatchNorm2d
+    unfused = qatx.prepare_qat(model, presets.W8A8, fuse=False)
+    assert type(unfused[0]) is qat.Conv2d and type(unfused[1]) is nn.BatchNorm2d
+
+
+def test_overrides_skip_inplace_and_shared_modules():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(4, 8), shared, shared, nn.Linear(8, 8), nn.Linear(8, 2))
+    w4 = QConfig(QuantSpec(bits=4, granularity="per_channel"), presets.W8A8.activation)
+    prepared = qatx.prepare_qat(model, w4, overrides={"0": presets.W8A8, "4": presets.W8A8}, skip=["3"])
+    assert type(model[0]) is nn.Linear  # not in place
+    assert prepared[0].weight_quantizer.bits == 8 and prepared[4].weight_quantizer.bits == 8
+    assert prepared[1].weight_quantizer.bits == 4 and prepared[1] is prepared[2]
+    assert type(prepared[3]) is nn.Linear
+    keep = qatx.prepare_qat(model, w4, overrides={"[34]": None}, inplace=True)
+    assert keep is model and type(model[3]) is nn.Linear and type(model[4]) is nn.Linear
+    assert type(model[0]) is qat.Linear
+    with pytest.raises(ValueError, match="pattern 'head' matches no module name"):
+        qatx.prepare_qat(nn.Sequential(nn.Linear(2, 2)), w4, skip="head")
+    with pytest.raises(TypeError, match=r"overrides\['0'\] must be a qatx.QConfig or None"):
+        qatx.prepare_qat(nn.Sequential(nn.Linear(2, 2)), w4, overrides={"0": QuantSpec()})
+    with pytest.raises(TypeError, match="qconfig must be a qatx.QConfig"):
+        qatx.prepare_qat(nn.Sequential(nn.Linear(2, 2)), presets)
+
+
+def test_op_modules_float_until_prepared():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 4, 5, generator=gen)
+    mm, cat, add = qatx.nn.QuantMatmul(), qatx.nn.QuantCat(dim=1), qatx.nn.QuantAdd()
+    assert torch.equal(mm(a, b), a @ b) and torch.equal(cat([a, a]), torch.cat([a, a], 1))
+    model = qatx.prepare_qat(nn.ModuleDict({"mm": mm, "cat": cat, "add": add}), presets.W8A8)
+    y = model["mm"](a, b)
+    q1, q2 = model["mm"].input_quantizer, model["mm"].other_quantizer
+    assert torch.equal(y, torch.matmul(q1(a), q2(b)))
+    y = model["cat"]([a, a * 2])
+    assert model["cat"].dim == 1 and y.shape == (2, 6, 4) and "dim=1" in repr(model["cat"])
+    assert torch.equal(y, model["cat"].output_quantizer(torch.cat([a, a * 2], 1)))
+    assert type(model["add"].to_float()) is qatx.nn.QuantAdd and "input=float" in repr(model["add"].to_float())
+
+
+def test_toggles_reach_every_quantizer():
+    model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                           nn.Linear(4 * 36, 3)), presets.W4A8)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    qatx.enable_observer(model, False)
+    scales = [q.scale.clone() for q in model.modules() if isinstance(q, qatx.FakeQuantize)]
+    model(x * 5)
+    assert all(torch.equal(s, q.scale) for s, q in zip(scales, [q for q in model.modules()
+                                                                if isinstance(q, qatx.FakeQuantize)]))
+    qatx.enable_fake_quant(model, False)
+    qatx.freeze_bn_stats(model)
+    model.eval()
+    ref = nn.Sequential(model[0].to_float(), nn.Flatten(), model[4].to_float())
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
