@@ -119,18 +119,32 @@ class PactFunction : public torch::autograd::Function<PactFunction> {
   }
 };
 
+// Records the autograd node (which saves the input) only when a gradient is wanted.
+bool wants_grad(std::initializer_list<at::Tensor> tensors) {
+  if (!torch::autograd::GradMode::is_enabled()) return false;
+  for (const at::Tensor& t : tensors)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
 at::Tensor fake_quantize_lsq_autograd(const at::Tensor& x, const at::Tensor& s, const at::Tensor& z, int64_t axis,
                                       int64_t qmin, int64_t qmax, double grad_factor) {
-  return LsqFunction<LsqOp>::apply(x, s, z, axis, qmin, qmax, grad_factor);
+  if (wants_grad({x, s, z})) return LsqFunction<LsqOp>::apply(x, s, z, axis, qmin, qmax, grad_factor);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return fake_quantize_lsq(x, s, z, axis, qmin, qmax, grad_factor);
 }
 
 at::Tensor fake_quantize_lsq_per_group_autograd(const at::Tensor& x, const at::Tensor& s, const at::Tensor& z,
                                                 int64_t group_size, int64_t qmin, int64_t qmax, double grad_factor) {
-  return LsqFunction<LsqPerGroupOp>::apply(x, s, z, group_size, qmin, qmax, grad_factor);
+  if (wants_grad({x, s, z})) return LsqFunction<LsqPerGroupOp>::apply(x, s, z, group_size, qmin, qmax, grad_factor);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return fake_quantize_lsq_per_group(x, s, z, group_size, qmin, qmax, grad_factor);
 }
 
 at::Tensor fake_quantize_pact_autograd(const at::Tensor& x, const at::Tensor& alpha, int64_t bits, bool is_signed) {
-  return PactFunction::apply(x, alpha, bits, is_signed);
+  if (wants_grad({x, alpha})) return PactFunction::apply(x, alpha, bits, is_signed);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return fake_quantize_pact(x, alpha, bits, is_signed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_autograd(const at::Tensor& grad, const at::Tensor& x,

@@ -123,18 +123,6 @@ QParamsCpu qparams_cpu(const at::Tensor& scale, const at::Tensor& zero_point, QP
   return {scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(), index};
 }
 
-// Calls fn(Int{}) for the integer dtypes the quantize ops produce.
-template <typename Fn>
-void dispatch_int_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kChar: return fn(int8_t{});
-    case at::kByte: return fn(uint8_t{});
-    case at::kShort: return fn(int16_t{});
-    case at::kInt: return fn(int32_t{});
-    default: TORCH_CHECK(false, "qatx: unsupported integer dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 void CpuBackend::fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "qatx/kernels/quant_math.h"
+#include "qatx/ops/dispatch.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define QATX_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -20,8 +21,6 @@
 #endif
 #define QATX_ALWAYS_INLINE inline __attribute__((always_inline))
 
-#define QATX_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace qatx {
 namespace ops {

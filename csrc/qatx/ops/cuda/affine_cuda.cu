@@ -180,17 +180,6 @@ bool aligned16(const void* a, const void* b) {
   return reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
 }
 
-template <typename Fn>
-void dispatch_int_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kChar: return fn(int8_t{});
-    case at::kByte: return fn(uint8_t{});
-    case at::kShort: return fn(int16_t{});
-    case at::kInt: return fn(int32_t{});
-    default: TORCH_CHECK(false, "qatx: unsupported integer dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 void CudaBackend::fake_quantize(const at::Tensor& x, at::Tensor& out, at::Tensor& mask, const at::Tensor& scale,

@@ -11,13 +11,12 @@
 #include <cstdint>
 
 #include "qatx/kernels/quant_math.h"
+#include "qatx/ops/dispatch.h"
 
 #ifndef CUDA_KERNEL_ASSERT_MSG
 #define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
 #endif
 
-#define QATX_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace qatx {
 namespace ops {
