@@ -28,6 +28,7 @@ from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 from . import config, nn, presets
 from .config import QConfig, QuantSpec
 from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepare_qat
+from .report import report, sensitivity
 
 __version__ = "0.1.0"
 
@@ -56,4 +57,4 @@ __all__ = [
 ]
 
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
-            "enable_observer", "freeze_bn_stats"]
+            "enable_observer", "freeze_bn_stats", "report", "sensitivity"]

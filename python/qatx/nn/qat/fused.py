@@ -71,13 +71,13 @@ class _BnFolded:
     def _fold_factor(self) -> Tensor:
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
 
+    def _float_weight(self) -> Tensor:
+        return self.weight * self._fold_factor().reshape([-1] + [1] * (self.weight.dim() - 1))
+
     def forward(self, input: Tensor) -> Tensor:
-        f = self._fold_factor()
-        w_shape = [-1] + [1] * (self.weight.dim() - 1)
-        y = self._apply_weight(self.input_quantizer(input), self.weight_quantizer(self.weight * f.reshape(w_shape)),
-                               None)
+        y = self._apply_weight(self.input_quantizer(input), self._quantized_weight(), None)
         c_shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y / f.reshape(c_shape)
+        y = y / self._fold_factor().reshape(c_shape)
         if self.bias is not None:
             y = y + self.bias.reshape(c_shape)
         y = self._batch_norm(y)
@@ -98,7 +98,7 @@ class _BnFolded:
         """The float layer with BN folded in exactly (running statistics)."""
         with torch.no_grad():
             f = self._fold_factor()
-            weight = self.weight * f.reshape([-1] + [1] * (self.weight.dim() - 1))
+            weight = self._float_weight()
             bias = self.bias if self.bias is not None else torch.zeros_like(f)
             bias = (bias - self.bn.running_mean) * f + self.bn.bias
         layer = self._make_float(nn.Parameter(weight), nn.Parameter(bias))

@@ -57,8 +57,12 @@ class QATModule:
     def _weight_view_shape(self) -> List[int]:
         return list(self.weight.shape)
 
+    def _float_weight(self) -> Tensor:
+        """The float weight the weight quantizer sees (the BN-folded one in fused layers)."""
+        return self.weight
+
     def _quantized_weight(self) -> Tensor:
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self._float_weight())
 
     @classmethod
     def _float_kwargs(cls, mod: nn.Module) -> Dict[str, Any]:
