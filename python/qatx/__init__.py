@@ -29,6 +29,7 @@ from . import config, nn, presets
 from .config import QConfig, QuantSpec
 from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepare_qat
 from .report import report, sensitivity
+from .distributed import sync_observers
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,4 @@ __all__ = [
 ]
 
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
-            "enable_observer", "freeze_bn_stats", "report", "sensitivity"]
+            "enable_observer", "freeze_bn_stats", "report", "sensitivity", "sync_observers"]
