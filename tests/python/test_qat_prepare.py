@@ -50,7 +50,7 @@ def test_bn_folding_matches_reference(make, fused_cls, shape):
     fused.input_quantizer.disable_observer()
     c_shape = [1, -1] + [1] * (x.dim() - 2)
     y_ref = (layer._conv_forward(xq, wq, None) if isinstance(layer, nn.modules.conv._ConvNd) else F.linear(xq, wq)) \
-        / f.reshape(c_shape)
+        * torch.reciprocal(f).reshape(c_shape)
     if layer.bias is not None:
         y_ref = y_ref + layer.bias.reshape(c_shape)
     y_ref = bn(y_ref)

@@ -77,7 +77,7 @@ class _BnFolded:
     def forward(self, input: Tensor) -> Tensor:
         y = self._apply_weight(self.input_quantizer(input), self._quantized_weight(), None)
         c_shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y / self._fold_factor().reshape(c_shape)
+        y = y * torch.reciprocal(self._fold_factor()).reshape(c_shape)  # a product: cheaper to differentiate than y / f
         if self.bias is not None:
             y = y + self.bias.reshape(c_shape)
         y = self._batch_norm(y)
