@@ -221,16 +221,17 @@ def test_meta_device_construction_then_load():
     assert torch.equal(meta(x), real(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", ["W8A8", "W4A4_LSQ"])
-def test_amp_bf16_autocast_training_step(cfg):
+def test_amp_autocast_training_step(cfg, dtype):
     torch.manual_seed(7)
     model = qatx.prepare_qat(SmallCNN(), getattr(presets, cfg))
     x = torch.randn(4, 3, 8, 8)
     ref = copy.deepcopy(model)(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = model(x)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.1)  # bf16 has 8 mantissa bits
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.1)  # bf16 has 8 mantissa bits, fp16 11
     y.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 

@@ -58,7 +58,7 @@ class _BnFolded:
         if not (bn.affine and bn.track_running_stats) or bn.num_features != layer.weight.shape[0]:
             raise ValueError(f"{cls.__name__}: the BatchNorm must be affine, track running statistics and have "
                              f"{layer.weight.shape[0]} features, got {bn!r}")
-        new = qat.QATModule.from_float.__func__(cls, layer, qconfig)
+        new = super().from_float(layer, qconfig)  # the QAT layer class: swaps layer in, then bn is attached
         new.bn = bn
         new.freeze_bn_after = int(freeze_bn_after)
         return new.train(layer.training)
