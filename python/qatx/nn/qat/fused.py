@@ -91,7 +91,16 @@ class _BnFolded:
             if int(bn.num_batches_tracked) >= self.freeze_bn_after:  # host read, see the module docstring
                 self.bn_frozen = True
         if self.training and not self.bn_frozen:
-            return bn(y)
+            # nn.BatchNorm's training step, but the running statistics are updated in copies that
+            # then replace the buffers: the forward read running_var for the fold factor, and a
+            # torch.compile backward may re-read it; an in-place update would change what it reads.
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum
+            factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
+            running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+            out = F.batch_norm(y, running_mean, running_var, bn.weight, bn.bias, True, factor, bn.eps)
+            bn.running_mean, bn.running_var = running_mean, running_var
+            return out
         return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     def to_float(self) -> nn.Module:
