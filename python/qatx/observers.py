@@ -94,7 +94,7 @@ class MinMaxObserver(nn.Module):
         self.register_buffer("max_val", torch.empty(0))
 
     def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).float()
+        x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)  # one pass; 0 is in every range
         if self.granularity == "per_tensor":
             lo, hi = torch.aminmax(x)
             return lo.reshape(1), hi.reshape(1)
