@@ -354,6 +354,25 @@ def time_call(fn, sync):
     return t1 - t0
 
 
+def measure(runners, warmup, repeats, sync, nbytes, row, rows):
+    """Times every impl in `runners` (warm-up first, then the impls interleaved round-robin to
+    spread drift evenly), appends one JSON row per impl to `rows` and returns
+    {impl: (median ms, GB/s)}."""
+    for run in runners.values():
+        for _ in range(warmup):
+            time_call(run, sync)
+    times = {impl: [] for impl in runners}
+    for _ in range(repeats):
+        for impl, run in runners.items():
+            times[impl].append(time_call(run, sync))
+    res = {}
+    for impl, samples in times.items():
+        sec = statistics.median(samples)
+        res[impl] = (sec * 1e3, nbytes / sec / 1e9)
+        rows.append(dict(row, impl=impl, ms=sec * 1e3, gbps=nbytes / sec / 1e9))
+    return res
+
+
 def check_forward(op, x, scale, zero_point):
     with torch.no_grad():
         a = op_fn(op, "qatx", scale, zero_point)(x)
@@ -428,20 +447,8 @@ def main(argv=None):
             for direction in DIRECTIONS:
                 runners = {impl: make_runner(op, impl, direction, x, g, scale, zero_point)
                            for impl in IMPLS}
-                for impl in IMPLS:
-                    for _ in range(warmup):
-                        time_call(runners[impl], sync)
-                times = {impl: [] for impl in IMPLS}
-                for _ in range(repeats):
-                    for impl in IMPLS:
-                        times[impl].append(time_call(runners[impl], sync))
-                nbytes = BYTES_PER_ELEM[direction] * numel
-                res = {}
-                for impl in IMPLS:
-                    sec = statistics.median(times[impl])
-                    res[impl] = (sec * 1e3, nbytes / sec / 1e9)
-                    rows.append({"op": op, "impl": impl, "device": args.device, "numel": numel,
-                                 "direction": direction, "ms": sec * 1e3, "gbps": nbytes / sec / 1e9})
+                res = measure(runners, warmup, repeats, sync, BYTES_PER_ELEM[direction] * numel,
+                              {"op": op, "device": args.device, "numel": numel, "direction": direction}, rows)
                 speedup = res["torch"][0] / res["qatx"][0]
                 pct = 100.0 * res["qatx"][1] / res["copy"][1]
                 print(f"{SHORT_OP[op]:<12} {direction:<16} {fmt_size(numel):>6} "
@@ -477,20 +484,8 @@ def main(argv=None):
             for direction in DIRECTIONS:
                 runners = {impl: make_lsq_runner(op, impl, direction, x, g, scale, zero_point, grad_factor)
                            for impl in LSQ_IMPLS}
-                for impl in LSQ_IMPLS:
-                    for _ in range(warmup):
-                        time_call(runners[impl], sync)
-                times = {impl: [] for impl in LSQ_IMPLS}
-                for _ in range(repeats):
-                    for impl in LSQ_IMPLS:
-                        times[impl].append(time_call(runners[impl], sync))
-                nbytes = LSQ_BYTES_PER_ELEM[direction] * numel
-                res = {}
-                for impl in LSQ_IMPLS:
-                    sec = statistics.median(times[impl])
-                    res[impl] = (sec * 1e3, nbytes / sec / 1e9)
-                    rows.append({"op": op, "impl": impl, "device": args.device, "numel": numel,
-                                 "direction": direction, "ms": sec * 1e3, "gbps": nbytes / sec / 1e9})
+                res = measure(runners, warmup, repeats, sync, LSQ_BYTES_PER_ELEM[direction] * numel,
+                              {"op": op, "device": args.device, "numel": numel, "direction": direction}, rows)
                 q = res["qatx"][0]
                 print(f"{LSQ_SHORT_OP[op]:<12} {direction:<16} {fmt_size(numel):>6} "
                       + " ".join(f"{res[i][0]:>10.3f} {res[i][1]:>11.2f}" for i in LSQ_IMPLS)
