@@ -354,6 +354,15 @@ def time_call(fn, sync):
     return t1 - t0
 
 
+def print_table_header(columns, ratios):
+    header = (f"{'op':<12} {'direction':<16} {'numel':>6} "
+              + " ".join(f"{col + ' ms':>10} {col + ' GB/s':>11}" for col in columns)
+              + f" {ratios[0]:>10} " + " ".join(f"{r:>9}" for r in ratios[1:]))
+    print(header)
+    print("-" * len(header))
+    sys.stdout.flush()
+
+
 def measure(runners, warmup, repeats, sync, nbytes, row, rows):
     """Times every impl in `runners` (warm-up first, then the impls interleaved round-robin to
     spread drift evenly), appends one JSON row per impl to `rows` and returns
@@ -427,12 +436,7 @@ def main(argv=None):
     print(f"warm-up {warmup}, repeats {fixed_repeats if fixed_repeats is not None else 'per size (20/10/5)'}")
     print()
 
-    header = (f"{'op':<12} {'direction':<16} {'numel':>6} "
-              + " ".join(f"{impl + ' ms':>10} {impl + ' GB/s':>11}" for impl in IMPLS)
-              + f" {'torch/qatx':>10} {'qatx%copy':>9}")
-    print(header)
-    print("-" * len(header))
-    sys.stdout.flush()
+    print_table_header(IMPLS, ("torch/qatx", "qatx%copy"))
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -468,12 +472,7 @@ def main(argv=None):
     if fixed_repeats is None:
         print("repeats per size (20/10/3)")
     print()
-    lsq_header = (f"{'op':<12} {'direction':<16} {'numel':>6} "
-                  + " ".join(f"{LSQ_COL[impl] + ' ms':>10} {LSQ_COL[impl] + ' GB/s':>11}" for impl in LSQ_IMPLS)
-                  + f" {'torch/qatx':>10} {'comp/qatx':>9} {'qatx%copy':>9}")
-    print(lsq_header)
-    print("-" * len(lsq_header))
-    sys.stdout.flush()
+    print_table_header([LSQ_COL[impl] for impl in LSQ_IMPLS], ("torch/qatx", "comp/qatx", "qatx%copy"))
 
     for numel in sizes:
         repeats = fixed_repeats if fixed_repeats is not None else lsq_repeats(numel)
