@@ -28,6 +28,7 @@ from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 from . import config, nn, presets
 from .config import QConfig, QuantSpec
 from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepare_qat
+from .ptq import calibrate, prepare_ptq, set_activation_ranges, transfer_qparams
 from .report import report, sensitivity
 from .distributed import sync_observers
 
@@ -59,3 +60,4 @@ __all__ = [
 
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
             "enable_observer", "freeze_bn_stats", "report", "sensitivity", "sync_observers"]
+__all__ += ["prepare_ptq", "calibrate", "set_activation_ranges", "transfer_qparams"]

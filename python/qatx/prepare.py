@@ -15,6 +15,10 @@ traces: each module in the chain is called once and its output is used only by t
 Models that do not trace fall back to consecutive children of ``nn.Sequential`` containers
 (which run in order by construction). The config of a fused group is the config of its first
 module.
+
+Already prepared models (e.g. calibrated by :func:`qatx.calibrate`) are accepted: each prepared
+module keeps its quantizers when its config is unchanged, or gets the new config's quantizers
+started from the old ranges (:func:`qatx.transfer_qparams`), so QAT fine-tunes the PTQ model.
 """
 import copy
 import fnmatch
@@ -27,6 +31,7 @@ from . import quantizers
 from .config import QConfig
 from .nn import QuantAdd, QuantCat, QuantMatmul
 from .nn import qat
+from .ptq import transfer_qparams
 
 __all__ = ["prepare_qat", "enable_fake_quant", "enable_observer", "freeze_bn_stats", "QAT_MODULES"]
 
@@ -161,7 +166,10 @@ def prepare_qat(model: nn.Module, qconfig: QConfig, *, overrides: Optional[Dict[
             if qc is None:
                 continue
             mods = [model.get_submodule(n) for n in chain]
-            fused = _FUSIONS[(type(mods[0]), type(mods[1]))][len(chain) - 2]
+            variants = _FUSIONS[(type(mods[0]), type(mods[1]))]
+            if variants[len(chain) - 2] is None:  # no fused ReLU variant (Linear-BN): the ReLU stays
+                chain, mods = chain[:2], mods[:2]
+            fused = variants[len(chain) - 2]
             _set_module(model, chain[0], fused.from_float(nn.Sequential(*mods), qc, freeze_bn_after=freeze_bn_after))
             for name in chain[1:]:
                 _set_module(model, name, nn.Identity())
@@ -169,18 +177,45 @@ def prepare_qat(model: nn.Module, qconfig: QConfig, *, overrides: Optional[Dict[
     device = _model_device(model)
     swapped: Dict[int, nn.Module] = {}  # shared modules stay shared
     for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if type(mod) not in QAT_MODULES and type(mod) not in _OP_MODULES:
+        prepared = isinstance(mod, qat.QATModule) or (isinstance(mod, _OP_MODULES) and mod.qconfig is not None)
+        if type(mod) not in QAT_MODULES and not isinstance(mod, _OP_MODULES) and not prepared:
             continue
         qc = config_of(name)
-        if qc is None:
+        if qc is None and not prepared:
             continue
         if id(mod) not in swapped:
-            swapped[id(mod)] = QAT_MODULES[type(mod)].from_float(mod, qc) if type(mod) in QAT_MODULES else \
-                type(mod).from_float(mod, qc, device=device)
+            if prepared:
+                swapped[id(mod)] = _reprepare(mod, qc, device)
+            else:
+                swapped[id(mod)] = QAT_MODULES[type(mod)].from_float(mod, qc) if type(mod) in QAT_MODULES else \
+                    type(mod).from_float(mod, qc, device=device)
         if name == "":
             return swapped[id(mod)]
         _set_module(model, name, swapped[id(mod)])
     return model
+
+
+def _reprepare(mod: nn.Module, qc: Optional[QConfig], device: torch.device) -> nn.Module:
+    """An already prepared module (e.g. from a calibrated PTQ model) under config ``qc``: kept
+    with its quantizers when ``qc`` is its config, given new quantizers that start from the old
+    ones' ranges (:func:`qatx.ptq.transfer_qparams`) when it differs, made float when ``qc`` is None.
+    Observation and fake quantization are turned on, as in a freshly prepared model."""
+    if qc is None:
+        return mod.to_float()
+    names = [n for n, child in mod.named_children() if isinstance(child, quantizers._Toggles)]
+    old = {n: getattr(mod, n) for n in names}
+    if qc != mod.qconfig:
+        if isinstance(mod, qat.QATModule):
+            mod._init_quantizers(qc)
+        else:
+            mod = type(mod).from_float(mod, qc, device=device)
+        for n, q in old.items():
+            transfer_qparams(q, getattr(mod, n))
+    for q in mod.modules():
+        if isinstance(q, quantizers._Toggles):
+            q.enable_observer(True)
+            q.enable_fake_quant(True)
+    return mod
 
 
 def _quantizers(model: nn.Module):
