@@ -22,7 +22,7 @@ from .ops import (
 )
 
 from . import observers, quantizers
-from .observers import MinMaxObserver, calculate_qparams, quant_range
+from .observers import HistogramObserver, MinMaxObserver, calculate_qparams, power_of_two_scale, quant_range
 from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 
 from . import config, nn, presets
@@ -39,6 +39,8 @@ __all__ = [
     "observers",
     "quantizers",
     "MinMaxObserver",
+    "HistogramObserver",
+    "power_of_two_scale",
     "calculate_qparams",
     "quant_range",
     "FakeQuantize",

@@ -17,13 +17,13 @@ from torch import nn
 from .observers import GRANULARITIES, quant_range
 from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 
-__all__ = ["QuantSpec", "QConfig", "OBSERVERS", "LEARNABLE"]
+__all__ = ["QuantSpec", "QConfig", "OBSERVERS", "HISTOGRAM_OBSERVERS", "LEARNABLE"]
 
-#: Observers a spec can build today. ``moving_average`` uses ``averaging_constant``
-#: (1.0 = each batch's own range, i.e. dynamic quantization).
-OBSERVERS = ("minmax", "moving_average")
-#: Calibration observers that need the PTQ observers (not part of qatx yet).
-_PTQ_OBSERVERS = ("histogram", "percentile", "mse", "entropy")
+#: Observers a spec can build. ``moving_average`` uses ``averaging_constant`` (1.0 = each
+#: batch's own range, i.e. dynamic quantization); ``histogram`` (= ``mse``), ``percentile`` and
+#: ``entropy`` are :class:`qatx.HistogramObserver` range searches (per tensor or per channel).
+OBSERVERS = ("minmax", "moving_average", "histogram", "mse", "percentile", "entropy")
+HISTOGRAM_OBSERVERS = ("histogram", "mse", "percentile", "entropy")
 LEARNABLE = (None, "lsq", "lsq+", "pact")
 
 
@@ -45,11 +45,18 @@ class QuantSpec:
         axis: the per-channel axis; ``None`` = the layer's output-channel axis of the weight
             (0 for Linear, Conv and Embedding, 1 for ConvTranspose), 1 for activations.
         group_size: elements per group along the last dimension (``per_group`` only).
-        observer: ``"minmax"`` (running min/max) or ``"moving_average"``. The calibration
-            observers ``histogram``, ``percentile``, ``mse`` and ``entropy`` are not implemented
-            yet and raise ``NotImplementedError``.
+        observer: ``"minmax"`` (running min/max), ``"moving_average"``, or a calibration
+            histogram (:class:`qatx.HistogramObserver`): ``"histogram"`` / ``"mse"`` (minimum
+            expected L2 error, like torch.ao's ``HistogramObserver``), ``"percentile"``,
+            ``"entropy"`` (KL divergence, TensorRT-style). Histogram observers need
+            ``learnable=None`` and a per-tensor or per-channel granularity; their qparams are
+            computed lazily (see :class:`qatx.FakeQuantize`).
         averaging_constant: the moving-average constant in ``(0, 1]`` (``moving_average`` only).
         learnable: ``None`` (observed qparams), ``"lsq"``, ``"lsq+"`` or ``"pact"``.
+        percentile: the percentile in ``(0, 100]`` of ``observer="percentile"``.
+        histogram_bins: bins of a histogram observer, in ``[16, 2^20]``.
+        power_of_two_scale: round scales up to powers of two (fixed-point hardware);
+            ``learnable=None`` only.
     """
 
     bits: int = 8
@@ -62,6 +69,9 @@ class QuantSpec:
     observer: str = "minmax"
     averaging_constant: float = 0.01
     learnable: Optional[str] = None
+    percentile: float = 99.99
+    histogram_bins: int = 2048
+    power_of_two_scale: bool = False
 
     def __post_init__(self):
         try:
@@ -80,11 +90,25 @@ class QuantSpec:
         elif self.group_size != 0:
             raise ValueError(f"QuantSpec.group_size is only used with granularity='per_group' "
                              f"(got group_size={self.group_size!r} with {self.granularity!r})")
-        if self.observer in _PTQ_OBSERVERS:
-            raise NotImplementedError(f"QuantSpec.observer={self.observer!r} is a calibration observer that qatx does "
-                                      f"not implement yet; supported observers: {OBSERVERS}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"QuantSpec.observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if (isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float))
+                or not 0.0 < self.percentile <= 100.0):
+            raise ValueError(f"QuantSpec.percentile must be in (0, 100], got {self.percentile!r}")
+        if (isinstance(self.histogram_bins, bool) or not isinstance(self.histogram_bins, int)
+                or not 16 <= self.histogram_bins <= (1 << 20)):
+            raise ValueError(f"QuantSpec.histogram_bins must be an int in [16, 1048576], got {self.histogram_bins!r}")
+        _check_bool("power_of_two_scale", self.power_of_two_scale)
+        if self.observer in HISTOGRAM_OBSERVERS:
+            if self.granularity == "per_group":
+                raise ValueError(f"QuantSpec: observer={self.observer!r} supports granularity 'per_tensor' or "
+                                 f"'per_channel', got 'per_group'")
+            if self.learnable is not None:
+                raise ValueError(f"QuantSpec: observer={self.observer!r} chooses fixed qparams from a histogram; "
+                                 f"it needs learnable=None, got learnable={self.learnable!r}")
+        if self.power_of_two_scale and self.learnable is not None:
+            raise ValueError(f"QuantSpec: power_of_two_scale needs learnable=None (observed qparams), got "
+                             f"learnable={self.learnable!r}")
         if not (isinstance(self.averaging_constant, (int, float)) and 0.0 < self.averaging_constant <= 1.0):
             raise ValueError(f"QuantSpec.averaging_constant must be in (0, 1], got {self.averaging_constant!r}")
         if self.learnable not in LEARNABLE:
@@ -136,7 +160,10 @@ class QuantSpec:
             return FakeQuantize(bits=self.bits, signed=self.signed, symmetric=self.symmetric,
                                 narrow_range=self.narrow_range, granularity=self.granularity, axis=axis,
                                 group_size=self.group_size,
-                                averaging_constant=self.averaging_constant if self.observer == "moving_average" else None)
+                                averaging_constant=self.averaging_constant if self.observer == "moving_average" else None,
+                                observer="minmax" if self.observer in ("minmax", "moving_average") else self.observer,
+                                percentile=self.percentile, bins=self.histogram_bins,
+                                power_of_two=self.power_of_two_scale)
         qparam_shape = [1]
         if self.granularity != "per_tensor":
             if shape is None:

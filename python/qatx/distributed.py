@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .observers import HistogramObserver
 from .quantizers import FakeQuantize, LearnableFakeQuantize
 
 __all__ = ["sync_observers"]
@@ -36,11 +37,14 @@ def sync_observers(model: nn.Module, group=None) -> nn.Module:
         if not isinstance(q, (FakeQuantize, LearnableFakeQuantize)):
             continue
         obs = q.observer
+        if isinstance(obs, HistogramObserver):
+            raise ValueError("sync_observers: histogram observers cannot be merged across ranks; calibrate them on "
+                             "one rank and broadcast the model (e.g. load its state_dict everywhere)")
         if obs.min_val.numel() == 0:
             raise RuntimeError("sync_observers: a quantizer has not seen data yet; run a forward pass on every rank "
                                "first")
         dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX, group=group)
         if isinstance(q, FakeQuantize):
-            q.scale, q.zero_point = obs.calculate_qparams(q.quant_min, q.quant_max, q.symmetric)
+            q.update_qparams()
     return model

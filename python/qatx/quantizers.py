@@ -7,12 +7,12 @@ the flags are plain attributes (no tensor read, so no host synchronisation on CU
 saved in the ``state_dict`` as extra state.
 """
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .observers import MinMaxObserver, _check_granularity, quant_range
+from .observers import HISTOGRAM_METHODS, HistogramObserver, MinMaxObserver, _check_granularity, quant_range
 
 __all__ = ["FakeQuantize", "LearnableFakeQuantize", "PACT"]
 
@@ -62,11 +62,18 @@ class _Toggles(nn.Module):
 class FakeQuantize(_Toggles):
     """Fake quantization with fixed qparams computed from an observed range.
 
-    While the observer is enabled, each forward records the input's range and recomputes
-    ``scale``/``zero_point`` (:func:`qatx.observers.calculate_qparams`); while fake
-    quantization is enabled, the input is fake-quantized with the qatx affine ops (round half
-    to even, clamp to ``[quant_min, quant_max]``, straight-through gradient); otherwise the
-    input passes through unchanged.
+    While the observer is enabled, each forward records the input (range or histogram); while
+    fake quantization is enabled, the input is fake-quantized with the qatx affine ops (round half
+    to even, clamp to ``[quant_min, quant_max]``, straight-through gradient); otherwise the input
+    passes through unchanged.
+
+    When the qparams are computed (:func:`qatx.observers.calculate_qparams` of the observer's
+    range): a min/max observer updates ``scale``/``zero_point`` in every observing forward. A
+    :class:`~qatx.observers.HistogramObserver` only accumulates its histogram (a range search
+    per batch would dominate calibration); its qparams are computed lazily, from the statistics
+    seen so far, at the first of: a forward that fake-quantizes, ``enable_observer(False)`` /
+    ``disable_observer()``, ``calculate_qparams()``, and ``state_dict()``. So the buffers are
+    always current wherever they are read through the module.
 
     Args:
         bits, signed, narrow_range: the integer range (:func:`qatx.observers.quant_range`).
@@ -74,11 +81,21 @@ class FakeQuantize(_Toggles):
         granularity, axis, group_size: ``"per_tensor"``, ``"per_channel"`` (along ``axis``) or
             ``"per_group"`` (``group_size`` consecutive elements of the last dimension).
         averaging_constant: ``None`` for a running min/max, else the moving-average constant.
+        observer: ``"minmax"`` (default; moving average with ``averaging_constant``), a histogram
+            method (``"histogram"``/``"mse"``, ``"percentile"``, ``"entropy"``: a
+            :class:`~qatx.observers.HistogramObserver` with ``percentile`` and ``bins``), or an
+            observer module (anything with ``forward``, ``has_data`` and
+            ``calculate_qparams(quant_min, quant_max, symmetric, power_of_two)``).
+        power_of_two: round scales up to powers of two.
     """
+
+    qparams_stale: bool
+    lazy_qparams: bool
 
     def __init__(self, bits: int = 8, signed: bool = True, symmetric: bool = True, narrow_range: bool = False,
                  granularity: str = "per_tensor", axis: int = 0, group_size: int = 0,
-                 averaging_constant: Optional[float] = None):
+                 averaging_constant: Optional[float] = None, observer: Union[str, nn.Module] = "minmax",
+                 percentile: float = 99.99, bins: int = 2048, power_of_two: bool = False):
         super().__init__()
         self.quant_min, self.quant_max = quant_range(bits, signed, narrow_range)
         self.bits = bits
@@ -86,18 +103,59 @@ class FakeQuantize(_Toggles):
         self.granularity = granularity
         self.axis = axis
         self.group_size = group_size
-        self.observer = MinMaxObserver(granularity, axis, group_size, averaging_constant)
+        self.power_of_two = bool(power_of_two)
+        if isinstance(observer, nn.Module):
+            self.observer = observer
+        elif observer == "minmax":
+            self.observer = MinMaxObserver(granularity, axis, group_size, averaging_constant)
+        elif observer in HISTOGRAM_METHODS:
+            _check_granularity(granularity, axis, group_size)
+            self.observer = HistogramObserver(observer, percentile, bins, granularity, axis)
+        else:
+            raise ValueError(f"observer must be 'minmax', one of {HISTOGRAM_METHODS} or an observer module, "
+                             f"got {observer!r}")
+        self.lazy_qparams = isinstance(self.observer, HistogramObserver)
+        self.qparams_stale = False
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    @torch.jit.export
+    def update_qparams(self) -> None:
+        """Recomputes ``scale``/``zero_point`` from the observer (which must have seen data)."""
+        scale, zero_point = self.observer.calculate_qparams(self.quant_min, self.quant_max, self.symmetric,
+                                                            self.power_of_two)
+        self.scale = scale
+        self.zero_point = zero_point
+        self.qparams_stale = False
+
+    @torch.jit.export
+    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+        """``(scale, zero_point)``, first recomputed when observations arrived since the last time."""
+        if self.qparams_stale:
+            self.update_qparams()
+        return self.scale, self.zero_point
+
+    @torch.jit.export
+    def enable_observer(self, enabled: bool = True) -> None:
+        if not enabled and self.qparams_stale:
+            self.update_qparams()
+        self.observer_enabled = enabled
+
+    @torch.jit.export
+    def disable_observer(self) -> None:
+        self.enable_observer(False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer_enabled:
             self.observer(x)
-            scale, zero_point = self.observer.calculate_qparams(self.quant_min, self.quant_max, self.symmetric)
-            self.scale = scale
-            self.zero_point = zero_point
+            if self.lazy_qparams:
+                self.qparams_stale = True
+            else:
+                self.update_qparams()
         if not self.fake_quant_enabled:
             return x
+        if self.qparams_stale:
+            self.update_qparams()
         if self.granularity == "per_tensor":
             return torch.ops.qatx.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
                                                                   self.quant_max)
@@ -106,6 +164,11 @@ class FakeQuantize(_Toggles):
                                                                    self.quant_min, self.quant_max)
         return torch.ops.qatx.fake_quantize_per_group_affine(x, self.scale, self.zero_point, self.group_size,
                                                              self.quant_min, self.quant_max)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.qparams_stale and self.observer.has_data():
+            self.update_qparams()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

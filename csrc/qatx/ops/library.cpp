@@ -39,4 +39,13 @@ TORCH_LIBRARY(qatx, m) {
   m.def("_fake_quantize_lsq_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
   m.def("_fake_quantize_lsq_per_group_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
   m.def("_fake_quantize_pact_backward(Tensor grad_output, Tensor input, Tensor alpha, int bits, bool is_signed) -> (Tensor grad_input, Tensor grad_alpha)");
+
+  // --- Histogram observer: calibration statistics and range searches. ---
+  // State per channel (row): hist int64 [C, bins] counts, grid int32 [C, 2] = (e, a) (bin j covers
+  // [(a + j) 2^e, (a + j + 1) 2^e)), bounds float32 [C, 2] = observed finite (min, max), min > max
+  // while empty. Returns the state after adding input (per tensor when axis is None, else one row
+  // per index along axis); the range grows by power-of-two factors, merging old bins exactly.
+  m.def("histogram_observe(Tensor input, Tensor hist, Tensor grid, Tensor bounds, int? axis=None) -> (Tensor hist_out, Tensor grid_out, Tensor bounds_out)");
+  // Clip range per row chosen from the histogram by method 'percentile', 'mse' or 'entropy'.
+  m.def("histogram_range(Tensor hist, Tensor grid, Tensor bounds, str method, float percentile=99.99, int quant_min=-128, int quant_max=127, bool symmetric=True) -> (Tensor min_val, Tensor max_val)");
 }
