@@ -97,7 +97,7 @@ class FakeQuantize(_Toggles):
         if not isinstance(self.observer, MinMaxObserver):
             return False
         min_val = self.observer.min_val
-        if min_val.numel() == 0 or x.numel() == 0 or self.scale.shape != min_val.shape or min_val.is_inference():
+        if min_val.numel() == 0 or x.numel() == 0 or self.scale.shape != min_val.shape:
             return False
         if self.granularity == "per_tensor":
             return True
