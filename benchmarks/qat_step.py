@@ -111,6 +111,20 @@ def build(model_name, device, batch, gen):
     return runners
 
 
+def profile(model_name, run, steps, warmup, device):
+    for _ in range(warmup):
+        run()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{model_name}: {steps} steps")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -120,6 +134,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", default="cnn,mlp")
     p.add_argument("--quick", action="store_true", help="batch 8, 1 timed step, 1 warm-up (smoke test)")
+    p.add_argument("--profile", metavar="CONFIG", help="instead of timing, print torch.profiler's table of CONFIG's "
+                   "training step (the ops taking the most self time over --steps steps)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.steps, args.warmup = 8, 1, 1
@@ -131,6 +147,9 @@ def main(argv=None):
     rows = []
     for model_name in args.models.split(","):
         runners = build(model_name, device, args.batch, torch.Generator().manual_seed(0))
+        if args.profile:
+            profile(model_name, runners[args.profile], steps, args.warmup, device)
+            continue
         for run in runners.values():
             for _ in range(args.warmup):
                 run()

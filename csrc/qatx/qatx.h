@@ -6,6 +6,7 @@
 #include "qatx/ops/affine.h"
 #include "qatx/ops/histogram.h"
 #include "qatx/ops/lsq.h"
+#include "qatx/ops/observe.h"
 
 #if defined(_WIN32)
 #define QATX_API __declspec(dllimport)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import quantizers
 from .config import QConfig
-from .observers import calculate_qparams
+from .observers import MinMaxObserver, calculate_qparams
 from .quantizers import FakeQuantize, LearnableFakeQuantize
 
 __all__ = ["prepare_ptq", "calibrate", "set_activation_ranges", "transfer_qparams"]
@@ -163,7 +163,8 @@ def calibrate(model: nn.Module, data: Iterable, num_batches: Optional[int] = Non
 def _quantizer_range(q: nn.Module) -> Tuple[Tensor, Tensor]:
     """The float range ``[lo, hi]`` a quantizer's current qparams represent."""
     if isinstance(q, FakeQuantize):
-        scale, zero_point = q.scale, q.zero_point.float()
+        scale, zero_point = q.calculate_qparams()  # current even when the qparams are computed lazily
+        zero_point = zero_point.float()
     elif isinstance(q, LearnableFakeQuantize):
         scale, zero_point = q.scale.detach(), q.zero_point.detach().float()
     else:
@@ -173,7 +174,7 @@ def _quantizer_range(q: nn.Module) -> Tuple[Tensor, Tensor]:
 
 def _has_qparams(q: nn.Module) -> bool:
     if isinstance(q, FakeQuantize):
-        return q.observer.min_val.numel() > 0
+        return q.observer.has_data()
     if isinstance(q, LearnableFakeQuantize):
         return q.initialized
     return False
@@ -198,7 +199,8 @@ def transfer_qparams(old: nn.Module, new: nn.Module) -> bool:
     lo, hi = _quantizer_range(old)
     with torch.no_grad():
         if isinstance(new, FakeQuantize):
-            if new.granularity != old.granularity or lo.numel() != max(old.scale.numel(), 1):
+            if not isinstance(new.observer, MinMaxObserver) or new.granularity != old.granularity or \
+                    lo.numel() != max(old.scale.numel(), 1):
                 return False
             device = new.scale.device
             new.observer.min_val = lo.detach().reshape(-1).to(device).clone()
@@ -206,8 +208,7 @@ def transfer_qparams(old: nn.Module, new: nn.Module) -> bool:
             if new.granularity == "per_group":  # the observer keeps the group shape of the qparams
                 new.observer.min_val = new.observer.min_val.reshape(old.scale.shape)
                 new.observer.max_val = new.observer.max_val.reshape(old.scale.shape)
-            new.scale, new.zero_point = calculate_qparams(new.observer.min_val, new.observer.max_val, new.quant_min,
-                                                          new.quant_max, new.symmetric)
+            new.update_qparams()
             return True
         if lo.numel() != new.scale.numel():
             return False
@@ -241,13 +242,13 @@ def set_activation_ranges(model: nn.Module, ranges: Dict[str, Tuple[float, float
             raise ValueError(f"ranges: pattern {pattern!r} matches no module with an activation quantizer; "
                              f"candidates: {sorted({n.rpartition('.')[0] for n, _ in targets})[:8]}")
         for q in matched:
-            if q.granularity != "per_tensor":
-                raise ValueError(f"ranges[{pattern!r}]: a fixed range needs a per_tensor activation quantizer")
+            if q.granularity != "per_tensor" or not isinstance(q.observer, MinMaxObserver):
+                raise ValueError(f"ranges[{pattern!r}]: a fixed range needs a per_tensor activation quantizer with "
+                                 f"a min/max observer")
             device = q.scale.device
             q.observer.min_val = torch.tensor([lo], device=device)
             q.observer.max_val = torch.tensor([hi], device=device)
-            q.scale, q.zero_point = calculate_qparams(q.observer.min_val, q.observer.max_val, q.quant_min,
-                                                      q.quant_max, q.symmetric)
+            q.update_qparams()
             q.enable_observer(False)
             q.enable_fake_quant(True)
     return model

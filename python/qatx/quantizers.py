@@ -145,7 +145,40 @@ class FakeQuantize(_Toggles):
     def disable_observer(self) -> None:
         self.enable_observer(False)
 
+    def _can_fuse(self, x: Tensor) -> bool:
+        """Whether the fused observe + fake-quantize op applies: a min/max observer that has seen a
+        batch giving qparams of this input's shape (the first batch, or one whose shape changes
+        them, goes through the observer, which sets the range shapes and checks the input)."""
+        if not isinstance(self.observer, MinMaxObserver) or self.power_of_two:
+            return False
+        min_val = self.observer.min_val
+        if min_val.numel() == 0 or x.numel() == 0 or self.scale.shape != min_val.shape:
+            return False
+        if self.granularity == "per_tensor":
+            return True
+        if x.dim() == 0:
+            return False
+        if self.granularity == "per_channel":
+            return -x.dim() <= self.axis < x.dim() and min_val.shape == (x.shape[self.axis],)
+        return x.shape[-1] % self.group_size == 0 and \
+            min_val.shape == x.shape[:-1] + (x.shape[-1] // self.group_size,)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled and self.fake_quant_enabled and self._can_fuse(x):
+            # One read of x for its range, qparams computed in place on x's device, one quantize
+            # pass: the same results as the observer + calculate_qparams + fake-quantize below.
+            obs = self.observer
+            if self.granularity == "per_tensor":
+                return torch.ops.qatx.observe_fake_quantize_per_tensor_affine(
+                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, obs.averaging_constant,
+                    self.quant_min, self.quant_max, self.symmetric)
+            if self.granularity == "per_channel":
+                return torch.ops.qatx.observe_fake_quantize_per_channel_affine(
+                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.axis, obs.averaging_constant,
+                    self.quant_min, self.quant_max, self.symmetric)
+            return torch.ops.qatx.observe_fake_quantize_per_group_affine(
+                x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.group_size, obs.averaging_constant,
+                self.quant_min, self.quant_max, self.symmetric)
         if self.observer_enabled:
             self.observer(x)
             if self.lazy_qparams:

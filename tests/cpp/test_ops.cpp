@@ -130,7 +130,9 @@ TEST(Registration, SchemasAreFoundWithoutTorchScript) {
         "qatx::dequantize_per_tensor_affine", "qatx::dequantize_per_channel_affine",
         "qatx::dequantize_per_group_affine", "qatx::fake_quantize_lsq", "qatx::fake_quantize_lsq_per_group",
         "qatx::fake_quantize_pact", "qatx::_fake_quantize_lsq_backward", "qatx::_fake_quantize_lsq_per_group_backward",
-        "qatx::_fake_quantize_pact_backward"}) {
+        "qatx::_fake_quantize_pact_backward", "qatx::observe_fake_quantize_per_tensor_affine",
+        "qatx::observe_fake_quantize_per_channel_affine", "qatx::observe_fake_quantize_per_group_affine",
+        "qatx::_observe_min_max"}) {
     EXPECT_TRUE(dispatcher.findSchema({name, ""}).has_value()) << name;
   }
   EXPECT_FALSE(dispatcher.findSchema({"qatx::no_such_op", ""}).has_value());
@@ -556,6 +558,44 @@ TEST_F(OpsTest, LearnableQuantizerBackward) {
 // ---------------------------------------------------------------------------------------------
 // Argument errors
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Observe + fake-quantize
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, ObserveFakeQuantizePerChannelUpdatesRangeQParamsAndGradient) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Tensor min_val = torch::full({3}, inf), max_val = torch::full({3}, -inf);
+  Tensor scale = torch::empty({3}), zero_point = torch::empty({3}, torch::kInt);
+  const Tensor x0 = random_input({3, 50});
+  const Tensor x1 = random_input({3, 50}).requires_grad_();
+  qatx::ops::observe_fake_quantize_per_channel_affine(x0, min_val, max_val, scale, zero_point, 0, 0.25, 0, 255, false);
+  EXPECT_TRUE(torch::equal(min_val, std::get<0>(x0.min(1))));  // unset: the first batch as is
+  EXPECT_TRUE(torch::equal(max_val, std::get<0>(x0.max(1))));
+  const Tensor lo0 = min_val.clone(), hi0 = max_val.clone();
+  const Tensor y = qatx::ops::observe_fake_quantize_per_channel_affine(x1, min_val, max_val, scale, zero_point, 0,
+                                                                       0.25, 0, 255, false);
+  const Tensor lo1 = std::get<0>(x1.detach().min(1)), hi1 = std::get<0>(x1.detach().max(1));
+  EXPECT_TRUE(torch::equal(min_val, lo0.add(lo1 - lo0, 0.25)));  // moving average, as ATen's add(alpha)
+  EXPECT_TRUE(torch::equal(max_val, hi0.add(hi1 - hi0, 0.25)));
+  const Tensor lo = min_val.clamp_max(0), hi = max_val.clamp_min(0);
+  const Tensor expected_scale = ((hi - lo) / 255.0).clamp_min(std::numeric_limits<float>::epsilon());
+  EXPECT_TRUE(torch::equal(scale, expected_scale));
+  EXPECT_TRUE(torch::equal(zero_point, (-torch::round(lo / expected_scale)).clamp(0, 255).to(torch::kInt)));
+  EXPECT_TRUE(torch::equal(y, qatx::ops::fake_quantize_per_channel_affine(x1.detach(), scale, zero_point, 0, 0, 255)));
+  y.backward(torch::ones_like(y));
+  const QRange r{0, 255};
+  EXPECT_TRUE(torch::equal(x1.grad(), ref_mask(x1.detach(), along_axis(scale, 2, 0), along_axis(zero_point, 2, 0), r)
+                                          .to(torch::kFloat)));
+  EXPECT_FALSE(scale.requires_grad());
+}
+
+TEST_F(OpsTest, ErrorObserveAveragingConstant) {
+  Tensor t = torch::zeros({1}), z = torch::zeros({1}, torch::kInt);
+  EXPECT_ERROR_MENTIONS(qatx::ops::observe_fake_quantize_per_tensor_affine(random_input({4}), t, t, t, z, 2.0, 0, 255,
+                                                                           false),
+                        "averaging_constant=2 must be in (0, 1]");
+}
 
 TEST_F(OpsTest, ErrorQuantMinNotBelowQuantMax) {
   const Tensor x = random_input({8});

@@ -554,6 +554,44 @@ TEST(ReductionTiling, ShapesOfTheTwoModes) {
   EXPECT_EQ(t.partial_rows(), 1);
 }
 
+TEST(ObservedRange, NonFiniteReadAsZero) {
+  EXPECT_EQ(finite_or_zero(1.5f), 1.5f);
+  EXPECT_EQ(finite_or_zero(-3.0f), -3.0f);
+  EXPECT_EQ(finite_or_zero(std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(finite_or_zero(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(finite_or_zero(std::numeric_limits<float>::quiet_NaN()), 0.0f);
+}
+
+TEST(ObservedRange, RunningUpdate) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Range r = update_running_range({inf, -inf}, {-1.0f, 2.0f}, 0.25f);  // unset: taken as is
+  EXPECT_EQ(r.lo, -1.0f);
+  EXPECT_EQ(r.hi, 2.0f);
+  r = update_running_range(r, {-3.0f, 6.0f}, 0.25f);  // m + c (b - m)
+  EXPECT_EQ(r.lo, -1.5f);
+  EXPECT_EQ(r.hi, 3.0f);
+  r = update_running_range(r, {-1.0f, 7.0f}, -1.0f);  // running min / max
+  EXPECT_EQ(r.lo, -1.5f);
+  EXPECT_EQ(r.hi, 7.0f);
+}
+
+TEST(ObservedRange, QParamFormulas) {
+  RangeQParams q = qparams_from_range(-1.0f, 2.0f, -128, 127, true);
+  EXPECT_EQ(q.scale, 2.0f / 127.0f);
+  EXPECT_EQ(q.zero_point, 0);
+  q = qparams_from_range(0.5f, 4.0f, 0, 255, true);  // widened to [0, 4]; unsigned symmetric: z = 128
+  EXPECT_EQ(q.scale, 4.0f / 127.0f);
+  EXPECT_EQ(q.zero_point, 128);
+  q = qparams_from_range(-1.0f, 2.0f, 0, 255, false);
+  EXPECT_EQ(q.scale, 3.0f / 255.0f);
+  EXPECT_EQ(q.zero_point, 85);
+  q = qparams_from_range(-3.0f, -1.0f, 0, 255, false);  // widened to [-3, 0]
+  EXPECT_EQ(q.zero_point, 255);
+  q = qparams_from_range(0.0f, 0.0f, -8, 7, false);  // zero range: eps, never 0 or NaN
+  EXPECT_EQ(q.scale, kObserverEps);
+  EXPECT_EQ(q.zero_point, -8);
+}
+
 TEST(Constants, QuantRange) {
   EXPECT_EQ(kQuantRangeLowest, std::numeric_limits<int16_t>::lowest());
   EXPECT_EQ(kQuantRangeHighest, std::numeric_limits<int16_t>::max());

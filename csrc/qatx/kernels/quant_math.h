@@ -145,6 +145,92 @@ struct QParamIndex {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Observed ranges (the fused observe + fake-quantize ops): the running range update and the
+// qparams of a range, the same formulas as qatx.observers (MinMaxObserver, calculate_qparams),
+// written so that the results are bit-identical to those Python functions on each device.
+// ---------------------------------------------------------------------------------------------
+
+// Lower bound of a computed scale: float32 machine epsilon (2^-23), calculate_qparams's default.
+constexpr float kObserverEps = 1.1920928955078125e-07f;
+
+// Observers ignore non-finite values by reading them as 0, which every range contains
+// (v - v is 0 exactly for finite v, NaN for +/-Inf and NaN).
+QATX_HOST_DEVICE float finite_or_zero(float v) { return select((v - v) == 0.0f, v, 0.0f); }
+
+// x / n for a count n, as ATen divides a float tensor by a Python number: a true division on the
+// CPU, and a product with the float32 reciprocal on CUDA (ATen's CUDA division by a host scalar
+// multiplies by 1/n). The two can differ in the last bit; following each keeps qparams
+// bit-identical to calculate_qparams on either device.
+QATX_HOST_DEVICE float divide_by_count(float x, float n) {
+#if defined(__CUDA_ARCH__)
+  return x * (1.0f / n);
+#else
+  return x / n;
+#endif
+}
+
+QATX_HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+struct Range {
+  float lo, hi;
+};
+
+// One running-range update with a batch range. A running range with lo > hi (the +Inf / -Inf an
+// observer starts from) is unset and takes the batch range as is. Else, for c > 0, the moving
+// average m + c (b - m) as one fused multiply-add (what ATen's add(alpha=c) computes on the CPU and
+// on CUDA); for c < 0, the running minimum and maximum.
+QATX_HOST_DEVICE Range update_running_range(Range run, Range batch, float c) {
+  if (!(run.lo <= run.hi)) return batch;
+  if (c > 0.0f) {
+    return {fused_multiply_add(c, batch.lo - run.lo, run.lo), fused_multiply_add(c, batch.hi - run.hi, run.hi)};
+  }
+  return {batch.lo < run.lo ? batch.lo : run.lo, batch.hi > run.hi ? batch.hi : run.hi};
+}
+
+struct RangeQParams {
+  float scale;
+  int32_t zero_point;
+};
+
+// qparams of the range [lo, hi], first widened to contain 0 (float32 throughout):
+//   symmetric, quant_min < 0:   s = max(-lo, hi) / min(-quant_min, quant_max),  z = 0
+//   symmetric, quant_min >= 0:  z = (quant_min + quant_max + 1) / 2 (floor),
+//                               s = max(-lo, hi) / min(z - quant_min, quant_max - z)
+//   asymmetric:                 s = (hi - lo) / (quant_max - quant_min),
+//                               z = clamp(quant_min - rint(lo / s), quant_min, quant_max)
+// s is then at least kObserverEps (a zero range gives eps, never 0 or NaN); rint rounds half to
+// even. In the symmetric case s is clamped before z is used; in the asymmetric case the clamped
+// s divides lo, as in calculate_qparams.
+QATX_HOST_DEVICE RangeQParams qparams_from_range(float lo, float hi, int64_t quant_min, int64_t quant_max,
+                                                 bool symmetric) {
+  lo = lo > 0.0f ? 0.0f : lo;
+  hi = hi < 0.0f ? 0.0f : hi;
+  if (symmetric) {
+    const float amax = -lo > hi ? -lo : hi;
+    int64_t zero = 0, steps;
+    if (quant_min < 0) {
+      steps = -quant_min < quant_max ? -quant_min : quant_max;
+    } else {
+      zero = (quant_min + quant_max + 1) / 2;
+      steps = zero - quant_min < quant_max - zero ? zero - quant_min : quant_max - zero;
+    }
+    const float s = divide_by_count(amax, static_cast<float>(steps));
+    return {s < kObserverEps ? kObserverEps : s, static_cast<int32_t>(zero)};
+  }
+  float s = divide_by_count(hi - lo, static_cast<float>(quant_max - quant_min));
+  s = s < kObserverEps ? kObserverEps : s;
+  const float z = static_cast<float>(quant_min) - round_half_even(lo / s);
+  const float qmin = static_cast<float>(quant_min), qmax = static_cast<float>(quant_max);
+  return {s, static_cast<int32_t>(z < qmin ? qmin : (z > qmax ? qmax : z))};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Learnable quantizers: LSQ / LSQ+ (learned scale and zero point) and PACT (learned clip value).
 // ---------------------------------------------------------------------------------------------
 

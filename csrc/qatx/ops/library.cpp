@@ -48,4 +48,16 @@ TORCH_LIBRARY(qatx, m) {
   m.def("histogram_observe(Tensor input, Tensor hist, Tensor grid, Tensor bounds, int? axis=None) -> (Tensor hist_out, Tensor grid_out, Tensor bounds_out)");
   // Clip range per row chosen from the histogram by method 'percentile', 'mse' or 'entropy'.
   m.def("histogram_range(Tensor hist, Tensor grid, Tensor bounds, str method, float percentile=99.99, int quant_min=-128, int quant_max=127, bool symmetric=True) -> (Tensor min_val, Tensor max_val)");
+
+  // --- Observe + fake-quantize: QAT with min/max observers, one read of the input for its range. ---
+  // Updates the running range min_val / max_val in place (moving average m + c (x_m - m) for
+  // 0 < averaging_constant <= 1, running min/max when it is negative; an unset range, min > max,
+  // takes the batch range as is), writes scale / zero_point computed from it on the device (the
+  // formulas of qatx.observers.calculate_qparams), then returns the affine fake-quantize of the
+  // input with those qparams (STE gradient). Non-finite input values are read as 0.
+  m.def("observe_fake_quantize_per_tensor_affine(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> Tensor");
+  m.def("observe_fake_quantize_per_channel_affine(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int axis, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> Tensor");
+  m.def("observe_fake_quantize_per_group_affine(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> Tensor");
+  // The observing half: per-group when group_size > 0, else per-channel along axis, else per-tensor.
+  m.def("_observe_min_max(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int? axis, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> ()");
 }

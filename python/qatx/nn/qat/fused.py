@@ -16,8 +16,11 @@ float layer (``nn.Sequential(layer, nn.ReLU())`` for the ReLU variants).
 
 Freezing the BN statistics: :meth:`freeze_bn_stats` (or :func:`qatx.freeze_bn_stats` on a
 model); ``freeze_bn_after=N`` freezes them automatically once the BN has tracked ``N``
-batches, which reads the BN's batch counter on the host each training step (call
-``freeze_bn_stats`` from the training loop instead under ``torch.compile`` or CUDA graphs).
+batches: the layer reads the BN's batch counter on the host once (its first training step, and
+the first after ``load_state_dict``) and then counts the batches it normalises itself, so there
+is no host synchronisation per step. Change ``bn.num_batches_tracked`` only through the layer
+(or reload a state dict); under ``torch.compile`` prefer calling ``freeze_bn_stats`` from the
+training loop.
 """
 from typing import Any, Dict, List
 
@@ -45,6 +48,7 @@ class _BnFolded:
         self.with_relu = self._WITH_RELU
         self.freeze_bn_after = int(freeze_bn_after)
         self.bn_frozen = False
+        self._bn_batches = -1  # host copy of bn.num_batches_tracked for freeze_bn_after; -1: not read yet
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig: QConfig, freeze_bn_after: int = -1):
@@ -88,13 +92,17 @@ class _BnFolded:
     def _batch_norm(self, y: Tensor) -> Tensor:
         bn = self.bn
         if self.training and not self.bn_frozen and self.freeze_bn_after >= 0:
-            if int(bn.num_batches_tracked) >= self.freeze_bn_after:  # host read, see the module docstring
+            if self._bn_batches < 0:
+                self._bn_batches = int(bn.num_batches_tracked)  # one host read, then counted below
+            if self._bn_batches >= self.freeze_bn_after:
                 self.bn_frozen = True
         if self.training and not self.bn_frozen:
             # nn.BatchNorm's training step, but the running statistics are updated in copies that
             # then replace the buffers: the forward read running_var for the fold factor, and a
             # torch.compile backward may re-read it; an in-place update would change what it reads.
             bn.num_batches_tracked.add_(1)
+            if self._bn_batches >= 0:
+                self._bn_batches += 1
             momentum = bn.momentum
             factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
             running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
@@ -121,6 +129,7 @@ class _BnFolded:
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.bn_frozen = state["bn_frozen"]
         self.freeze_bn_after = state["freeze_bn_after"]
+        self._bn_batches = -1  # num_batches_tracked is loaded too: read it again
 
     def extra_repr(self) -> str:
         parts: List[str] = [super().extra_repr()]
