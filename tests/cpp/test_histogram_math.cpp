@@ -71,14 +71,8 @@ TEST(HistogramMath, PercentileRank) {
 HistSearch search(const std::vector<int64_t>& counts, HistGrid g, float lo, float hi, HistMethod m, int64_t qmin,
                   int64_t qmax, bool symmetric, std::vector<double>& scratch) {
   scratch.assign(hist_scratch_size(static_cast<int64_t>(counts.size())), 0.0);
-  HistSearch s{};
-  s.counts = counts.data();
-  s.bins = static_cast<int64_t>(counts.size());
-  s.grid = g;
-  s.lo = lo;
-  s.hi = hi;
-  s.p = HistSearchParams{m, 99.0, qmin, qmax, symmetric};
-  s.scratch = scratch.data();
+  HistSearch s = make_hist_search(counts.data(), static_cast<int64_t>(counts.size()), g, lo, hi,
+                                  HistSearchParams{m, 99.0, qmin, qmax, symmetric}, scratch.data());
   s.prepare();
   return s;
 }

@@ -443,6 +443,20 @@ struct HistSearch {
   QATX_HOST_DEVICE HistRange full_range() const { return HistRange{lo <= hi ? lo : 0.0f, lo <= hi ? hi : 0.0f}; }
 };
 
+// A search over one row (value-initialised, then the inputs set; prepare() fills the rest).
+QATX_HOST_DEVICE HistSearch make_hist_search(const int64_t* counts, int64_t bins, HistGrid grid, float lo, float hi,
+                                             HistSearchParams params, double* scratch) {
+  HistSearch s{};
+  s.counts = counts;
+  s.bins = bins;
+  s.grid = grid;
+  s.lo = lo;
+  s.hi = hi;
+  s.p = params;
+  s.scratch = scratch;
+  return s;
+}
+
 // (error, index) order for the argmin: smaller error, then smaller index; NaN never wins.
 QATX_HOST_DEVICE bool hist_better(double err, int64_t i, double best_err, int64_t best_i) {
   if (!(err == err)) return false;

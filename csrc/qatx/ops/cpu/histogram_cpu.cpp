@@ -279,8 +279,8 @@ struct HistogramCpuBackend {
     at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
       std::vector<double> scratch(math::hist_scratch_size(bins));
       for (int64_t c = c0; c < c1; ++c) {
-        math::HistSearch s{h + c * bins, bins, math::HistGrid{g[2 * c], g[2 * c + 1]}, b[2 * c], b[2 * c + 1], params,
-                           scratch.data()};
+        math::HistSearch s = math::make_hist_search(h + c * bins, bins, math::HistGrid{g[2 * c], g[2 * c + 1]},
+                                                    b[2 * c], b[2 * c + 1], params, scratch.data());
         s.prepare();
         math::HistRange r = s.full_range();
         if (!s.empty()) {
