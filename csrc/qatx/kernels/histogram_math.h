@@ -70,9 +70,20 @@ struct HistGrid {
 // 2^e as float32, e in [-149, 127].
 QATX_HOST_DEVICE float exp2_int(int e) { return ldexpf(1.0f, e); }
 
+// floor(y), exact for every float. On the host it is formed from rint, which GCC vectorizes
+// (floorf is left scalar under the default -ftrapping-math).
+QATX_HOST_DEVICE float floor_float(float y) {
+#if defined(__CUDA_ARCH__)
+  return floorf(y);
+#else
+  const float r = round_half_even(y);
+  return r - select(r > y, 1.0f, 0.0f);
+#endif
+}
+
 // floor(x * inv_width) as an integer (|result| < 2^24 for data the grid was fitted to).
 QATX_HOST_DEVICE int32_t hist_floor(float x, float inv_width) {
-  const float f = floorf(x * inv_width);
+  const float f = floor_float(x * inv_width);
   // A negative product that underflowed to -0 has floor -1.
   return static_cast<int32_t>(select((x < 0.0f) & (f >= 0.0f), -1.0f, f));
 }
@@ -138,13 +149,15 @@ QATX_HOST_DEVICE HistUpdate hist_update(HistGrid grid, float lo, float hi, float
   return HistUpdate{hist_fit_grid(nlo, nhi, had ? grid.e : kHistMinExponent, bins), nlo, nhi};
 }
 
-// Bin of a finite x in a grid that covers it; `dump` (one past the last bin) for NaN and +-Inf,
-// which the histograms ignore.
-QATX_HOST_DEVICE int32_t hist_bin(float x, float inv_width, float a, float dump) {
-  const float f = floorf(x * inv_width);
+// Bin of x in the grid: floor(x * 2^-e) - a when that lies in [0, bins), else `bins` (one past
+// the last bin, where the kernels collect what they ignore): NaN, +-Inf and values outside the
+// grid. inv_width = 2^-e, a and bins as floats.
+QATX_HOST_DEVICE int32_t hist_bin(float x, float inv_width, float a, float bins) {
+  const float f = floor_float(x * inv_width);
   const float g = select((x < 0.0f) & (f >= 0.0f), -1.0f, f);
-  // g and a are integers below 2^24 whose difference is in [0, bins): exact in float32.
-  return static_cast<int32_t>(select(fabsf(x) <= 3.402823466e+38f, g - a, dump));
+  // Inside the grid g and a are integers below 2^24 whose difference is in [0, bins): exact.
+  const float r = g - a;
+  return static_cast<int32_t>(select((r >= 0.0f) & (r < bins), r, bins));
 }
 
 // r = ceil(p N / 100) in [1, N]; the relative slack of 1e-12 absorbs the binary rounding of
@@ -429,6 +442,20 @@ struct HistSearch {
   // only through calculate_qparams, so [lo, hi] is returned as is).
   QATX_HOST_DEVICE HistRange full_range() const { return HistRange{lo <= hi ? lo : 0.0f, lo <= hi ? hi : 0.0f}; }
 };
+
+// A search over one row (value-initialised, then the inputs set; prepare() fills the rest).
+QATX_HOST_DEVICE HistSearch make_hist_search(const int64_t* counts, int64_t bins, HistGrid grid, float lo, float hi,
+                                             HistSearchParams params, double* scratch) {
+  HistSearch s{};
+  s.counts = counts;
+  s.bins = bins;
+  s.grid = grid;
+  s.lo = lo;
+  s.hi = hi;
+  s.p = params;
+  s.scratch = scratch;
+  return s;
+}
 
 // (error, index) order for the argmin: smaller error, then smaller index; NaN never wins.
 QATX_HOST_DEVICE bool hist_better(double err, int64_t i, double best_err, int64_t best_i) {

@@ -166,10 +166,9 @@ __global__ void range_kernel(const int64_t* __restrict__ hist, const int32_t* __
   __shared__ double s_err[kThreads];
   __shared__ int64_t s_idx[kThreads];
   if (threadIdx.x == 0) {
-    math::HistSearch s{hist + c * bins, bins,
-                       math::HistGrid{min(max(grid[2 * c], math::kHistMinExponent), 127), grid[2 * c + 1]},
-                       bounds[2 * c], bounds[2 * c + 1], params,
-                       scratch + blockIdx.x * math::hist_scratch_size(bins)};
+    math::HistSearch s = math::make_hist_search(
+        hist + c * bins, bins, math::HistGrid{min(max(grid[2 * c], math::kHistMinExponent), 127), grid[2 * c + 1]},
+        bounds[2 * c], bounds[2 * c + 1], params, scratch + blockIdx.x * math::hist_scratch_size(bins));
     s.prepare();
     s_search = s;
   }
