@@ -74,6 +74,14 @@ class FakeQuantize(_Toggles):
         granularity, axis, group_size: ``"per_tensor"``, ``"per_channel"`` (along ``axis``) or
             ``"per_group"`` (``group_size`` consecutive elements of the last dimension).
         averaging_constant: ``None`` for a running min/max, else the moving-average constant.
+
+    While both are enabled and the observer (a :class:`~qatx.observers.MinMaxObserver`) has
+    seen a batch whose qparams have this input's shape, the forward runs the fused
+    ``qatx::observe_fake_quantize_*_affine`` ops: one read of the input for its range, the range
+    and ``scale``/``zero_point`` updated in place on the input's device (no host
+    synchronisation), one fake-quantize pass. The results, gradients and ``state_dict`` are
+    bit-identical to the observer + :func:`~qatx.observers.calculate_qparams` + fake-quantize
+    sequence, which the first batch (and any batch changing the qparam shape) runs.
     """
 
     def __init__(self, bits: int = 8, signed: bool = True, symmetric: bool = True, narrow_range: bool = False,
