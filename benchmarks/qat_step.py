@@ -3,7 +3,7 @@
 Usage::
 
     PYTHONPATH=python python benchmarks/qat_step.py [--device cpu|cuda] [--json FILE]
-        [--batch 128] [--steps N] [--quick]
+        [--batch 128] [--steps N] [--quick] [--profile CONFIG]
 
 Models (batch 128 by default):
 
@@ -26,6 +26,9 @@ reported, with ``ratio_vs_fp32`` = median / fp32 median of the same model in the
 On CUDA every timed step is bracketed by ``torch.cuda.synchronize()``.
 
 JSON rows: ``{"model", "config", "device", "ms_per_step", "ratio_vs_fp32"}``.
+
+``--profile CONFIG`` (e.g. ``qatx_w8a8``) times nothing: it prints torch.profiler's table of
+that config's training step, sorted by self time, to see where the overhead over FP32 goes.
 """
 import argparse
 import copy

@@ -87,6 +87,14 @@ class FakeQuantize(_Toggles):
             observer module (anything with ``forward``, ``has_data`` and
             ``calculate_qparams(quant_min, quant_max, symmetric, power_of_two)``).
         power_of_two: round scales up to powers of two.
+
+    While both are enabled and the observer (a :class:`~qatx.observers.MinMaxObserver`) has
+    seen a batch whose qparams have this input's shape, the forward runs the fused
+    ``qatx::observe_fake_quantize_*_affine`` ops: one read of the input for its range, the range
+    and ``scale``/``zero_point`` updated in place on the input's device (no host
+    synchronisation), one fake-quantize pass. The results, gradients and ``state_dict`` are
+    bit-identical to the observer + :func:`~qatx.observers.calculate_qparams` + fake-quantize
+    sequence, which the first batch (and any batch changing the qparam shape) runs.
     """
 
     qparams_stale: bool

@@ -23,9 +23,9 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kLanes = 16;  // independent minima/maxima, so the loop vectorizes without -ffast-math
 
-// Range of n consecutive elements, merged into [lo, hi].
+// Range of n consecutive elements, merged into [lo, hi]. Inlined into the multi-ISA loops below.
 template <typename T>
-QATX_CPU_CLONES void range_of_run(const T* x, int64_t n, float& lo, float& hi) {
+QATX_ALWAYS_INLINE void merge_range_of_run(const T* x, int64_t n, float& lo, float& hi) {
   float l[kLanes], h[kLanes];
   for (int k = 0; k < kLanes; ++k) l[k] = lo, h[k] = hi;
   int64_t j = 0;
@@ -47,19 +47,18 @@ QATX_CPU_CLONES void range_of_run(const T* x, int64_t n, float& lo, float& hi) {
   }
 }
 
+template <typename T>
+QATX_CPU_CLONES void range_of_run(const T* x, int64_t n, float& lo, float& hi) {
+  merge_range_of_run(x, n, lo, hi);
+}
+
 // Per-channel ranges of rows [o0, o1) of [outer, channels, inner] with short inner runs: each
-// row is one contiguous segment of channels * inner elements.
+// row is one contiguous segment of channels runs of inner elements.
 template <typename T>
 QATX_CPU_CLONES void ranges_of_rows(const T* x, math::QParamRuns r, int64_t o0, int64_t o1, float* lo, float* hi) {
   for (int64_t o = o0; o < o1; ++o) {
     const T* row = x + o * r.channels * r.inner;
-    for (int64_t c = 0; c < r.channels; ++c) {
-      for (int64_t i = 0; i < r.inner; ++i) {
-        const float v = math::finite_or_zero(static_cast<float>(row[c * r.inner + i]));
-        lo[c] = v < lo[c] ? v : lo[c];
-        hi[c] = v > hi[c] ? v : hi[c];
-      }
-    }
+    for (int64_t c = 0; c < r.channels; ++c) merge_range_of_run(row + c * r.inner, r.inner, lo[c], hi[c]);
   }
 }
 
