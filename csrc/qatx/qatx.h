@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "qatx/ops/affine.h"
+#include "qatx/ops/int8.h"
 #include "qatx/ops/lsq.h"
 
 #if defined(_WIN32)

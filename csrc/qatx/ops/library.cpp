@@ -39,4 +39,15 @@ TORCH_LIBRARY(qatx, m) {
   m.def("_fake_quantize_lsq_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
   m.def("_fake_quantize_lsq_per_group_backward(Tensor grad_output, Tensor input, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, float grad_factor, bool zero_point_requires_grad) -> (Tensor grad_input, Tensor grad_scale, Tensor grad_zero_point)");
   m.def("_fake_quantize_pact_backward(Tensor grad_output, Tensor input, Tensor alpha, int bits, bool is_signed) -> (Tensor grad_input, Tensor grad_alpha)");
+
+  // --- INT8 inference: float in, float out; integer arithmetic inside. ---
+  // Input quantized per tensor, q = clamp(rint(x * (1/s_in)) + z_in, quant_min, quant_max) (as the
+  // fake-quantize forward), int8 weight w with per-tensor/-channel (/-group for linear) scale and
+  // zero point, exact integer sum acc[c] = sum_k (q_k - z_in)(w_ck - z_w[c]), then
+  // y = (acc[c] + bias[c]) * s_in * s_w[c] as float32, ReLU when relu. bias: int32, at scale s_in * s_w[c].
+  m.def("linear_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool relu=False) -> Tensor");
+  m.def("convolution_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, bool relu=False) -> Tensor");
+  // Dynamic: the input's uint8 qparams come from each call's range (whole input or per row);
+  // y = acc[r, c] * s_in[r] * s_w[c] + bias[c] with a float32 bias.
+  m.def("linear_int8_dynamic(Tensor input, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool per_row=False) -> Tensor");
 }
