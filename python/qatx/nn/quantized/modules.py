@@ -54,11 +54,13 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_int4`: int8 ``[..., n]`` from uint8 ``[..., ceil(n / 2)]``."""
-    s = packed.view(torch.int8)
-    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(s, 4), 4)  # sign-extends the low nibble
-    hi = torch.bitwise_right_shift(s, 4)
+    u = packed.to(torch.int16)
+    lo = torch.bitwise_and(u, 15)
+    hi = torch.bitwise_right_shift(u, 4)
+    lo = lo - torch.bitwise_and(lo, 8) * 2  # two's complement of a nibble: 8..15 -> -8..-1
+    hi = hi - torch.bitwise_and(hi, 8) * 2
     out = torch.stack([lo, hi], -1).reshape(list(packed.shape[:-1]) + [packed.shape[-1] * 2])
-    return out[..., :n]
+    return out[..., :n].to(torch.int8)
 
 
 # ------------------------------------------------------------------------------------------
