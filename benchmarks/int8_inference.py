@@ -3,7 +3,7 @@
 Usage::
 
     PYTHONPATH=python python benchmarks/int8_inference.py [--device cpu|cuda] [--json FILE]
-        [--iters N] [--quick]
+        [--iters N] [--threads N] [--quick]
 
 Models:
 
@@ -137,7 +137,10 @@ def main(argv=None):
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--iters", type=int, default=30, help="timed calls per implementation and batch")
     p.add_argument("--quick", action="store_true", help="a few iterations (smoke test)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU available")
     iters, warmup = (2, 1) if args.quick else (args.iters, 5)
