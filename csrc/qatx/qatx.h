@@ -5,6 +5,7 @@
 
 #include "qatx/ops/affine.h"
 #include "qatx/ops/histogram.h"
+#include "qatx/ops/int8.h"
 #include "qatx/ops/lsq.h"
 #include "qatx/ops/observe.h"
 

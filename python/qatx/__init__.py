@@ -63,3 +63,10 @@ __all__ = [
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
             "enable_observer", "freeze_bn_stats", "report", "sensitivity", "sync_observers"]
 __all__ += ["prepare_ptq", "calibrate", "set_activation_ranges", "transfer_qparams"]
+
+# INT8 inference: convert, parity report, size, dynamic quantization.
+from .convert import compare, convert, model_size, quantize_dynamic  # noqa: E402
+from .ops import convolution_int8, linear_int8, linear_int8_dynamic  # noqa: E402
+
+__all__ += ["convert", "compare", "model_size", "quantize_dynamic", "linear_int8", "convolution_int8",
+            "linear_int8_dynamic"]

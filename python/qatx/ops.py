@@ -41,7 +41,7 @@ range; qparam shape mismatch; ``group_size`` not dividing the last dimension; in
 to fake-quantize/quantize; tensors on different devices. On CUDA the qparam *values* are
 checked on the device (a device-side assertion), so no host synchronisation is needed.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -59,6 +59,9 @@ __all__ = [
     "fake_quantize_lsq",
     "fake_quantize_lsq_per_group",
     "fake_quantize_pact",
+    "linear_int8",
+    "convolution_int8",
+    "linear_int8_dynamic",
 ]
 
 
@@ -228,3 +231,53 @@ def fake_quantize_pact(input: Tensor, alpha: Tensor, bits: int, is_signed: bool)
     another device; input not float32/float16/bfloat16.
     """
     return torch.ops.qatx.fake_quantize_pact(input, alpha, bits, is_signed)
+
+
+# ---- INT8 inference ops (float in, float out; integer arithmetic inside) ----
+
+def linear_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int,
+                input_quant_max: int, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
+                bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    r"""INT8 linear layer: float32 ``input [..., K]`` → float32 ``[..., N]``.
+
+    .. math::
+
+        q = \mathrm{clamp}(\mathrm{rint}(x \cdot (1/s_{in})) + z_{in},\ q_{min},\ q_{max}), \quad
+        y_{c} = \big(\textstyle\sum_k (q_k - z_{in})(w_{ck} - z_w[c]) + b_c\big)\, s_{in}\, s_w[c]
+
+    ``input_scale`` / ``input_zero_point``: one element each; the input range at most 8 bits
+    inside ``[-128, 255]``. ``weight``: int8 ``[N, K]``; ``weight_scale`` / ``weight_zero_point``
+    shape ``[1]``, ``[N]`` or ``[N, K // group_size]`` (per group: one exact sum per group, each
+    scaled by its group's scale; the bias then uses the first group's scale). ``bias``: int32
+    ``[N]`` at scale :math:`s_{in} s_w[c]`. ``relu`` clamps the output at 0. The integer sum is
+    exact (int32 on FBGEMM / cuBLASLt, float64 in the reference route); the float epilogue rounds
+    to float32 (a few ulps may differ between CPU routes). See docs/ops.md.
+    """
+    return torch.ops.qatx.linear_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max, weight,
+                                      weight_scale, weight_zero_point, bias, relu)
+
+
+def convolution_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int,
+                     input_quant_max: int, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
+                     bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                     transposed: bool, output_padding: List[int], groups: int, relu: bool = False) -> Tensor:
+    r"""INT8 convolution (1-3 spatial dimensions, transposed or not) with the arguments of
+    ``torch.convolution``; quantization and epilogue as :func:`linear_int8`, with per-tensor or
+    per-output-channel weight qparams. The input is zero-padded in real terms (the padded
+    integer is :math:`z_{in}`). Non-transposed outputs are channels-last tensors.
+    """
+    return torch.ops.qatx.convolution_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max,
+                                           weight, weight_scale, weight_zero_point, bias, stride, padding, dilation,
+                                           transposed, output_padding, groups, relu)
+
+
+def linear_int8_dynamic(input: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
+                        bias: Optional[Tensor] = None, per_row: bool = False) -> Tensor:
+    r"""INT8 linear layer whose input qparams come from the call's own range (uint8):
+    :math:`lo = \min(\min x, 0)`, :math:`hi = \max(\max x, 0)`, :math:`s = (hi - lo)/255` (1 when
+    that is below :math:`2^{-126}`), :math:`z = \mathrm{clamp}(\mathrm{rint}(-lo \cdot (1/s)), 0, 255)`,
+    over the whole input or per row (``per_row``); then
+    :math:`y_{rc} = s[r]\, s_w[c] \sum_k (q_{rk} - z[r])(w_{ck} - z_w[c]) + bias_c` with a float32
+    ``bias``. Weight qparams per tensor or per output channel. Non-finite input is an error (CPU).
+    """
+    return torch.ops.qatx.linear_int8_dynamic(input, weight, weight_scale, weight_zero_point, bias, per_row)

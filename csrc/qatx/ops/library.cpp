@@ -60,4 +60,14 @@ TORCH_LIBRARY(qatx, m) {
   m.def("observe_fake_quantize_per_group_affine(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> Tensor");
   // The observing half: per-group when group_size > 0, else per-channel along axis, else per-tensor.
   m.def("_observe_min_max(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int? axis, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> ()");
+  // --- INT8 inference: float in, float out; integer arithmetic inside. ---
+  // Input quantized per tensor, q = clamp(rint(x * (1/s_in)) + z_in, quant_min, quant_max) (as the
+  // fake-quantize forward), int8 weight w with per-tensor/-channel (/-group for linear) scale and
+  // zero point, exact integer sum acc[c] = sum_k (q_k - z_in)(w_ck - z_w[c]), then
+  // y = (acc[c] + bias[c]) * s_in * s_w[c] as float32, ReLU when relu. bias: int32, at scale s_in * s_w[c].
+  m.def("linear_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool relu=False) -> Tensor");
+  m.def("convolution_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, bool relu=False) -> Tensor");
+  // Dynamic: the input's uint8 qparams come from each call's range (whole input or per row);
+  // y = acc[r, c] * s_in[r] * s_w[c] + bias[c] with a float32 bias.
+  m.def("linear_int8_dynamic(Tensor input, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool per_row=False) -> Tensor");
 }

@@ -1,0 +1,156 @@
+"""Inference latency and size: float32 vs qatx INT8 (eager and TorchScript).
+
+Usage::
+
+    PYTHONPATH=python python benchmarks/int8_inference.py [--device cpu|cuda] [--json FILE]
+        [--iters N] [--threads N] [--quick]
+
+Models:
+
+* ``mlp``: four Linear(1024, 1024) layers with ReLU between them, on float32 inputs of
+  standard normal values;
+* ``cnn``: the small ResNet-style CNN of ``benchmarks/qat_step.py`` (Conv-BN-ReLU stem, three
+  residual blocks with ``qatx.nn.QuantAdd``, pooling, Linear) on 3x32x32 inputs.
+
+The INT8 model is ``qatx.convert`` of the model prepared with ``qatx.presets.W8A8`` and
+calibrated on a few random batches (observers and BN statistics in training mode).
+
+Implementations (``impl``):
+
+* ``fp32``: the float model in eval mode;
+* ``qatx_int8``: the converted INT8 model, eager;
+* ``qatx_int8_script``: ``torch.jit.freeze(torch.jit.script(int8_model))``;
+* more through :func:`register_impl` (for example an ONNX Runtime session on an exported
+  model): ``register_impl(name, build)`` with ``build(model_name, float_model, int8_model,
+  example_input, device)`` returning ``(run, size_bytes)`` (``run(x)`` computes one batch) or
+  ``None`` to skip. Registered builders run after the built-in ones.
+
+Batches 1 and 64. Each implementation runs warm-up calls, then the implementations take turns
+(round-robin, so machine drift spreads evenly) for ``--iters`` timed calls each; the median is
+reported, with the speed-up over fp32 of the same model and batch in the same run. On CUDA each
+call is bracketed by ``torch.cuda.synchronize()``. ``size_bytes``: :func:`qatx.model_size`
+(``torch.save`` of the state_dict), or the saved TorchScript file for ``qatx_int8_script``.
+
+JSON rows: ``{"model", "impl", "device", "batch", "ms", "size_bytes"}``.
+"""
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+import qatx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qat_step import SmallResNet  # noqa: E402  (the same small CNN as the QAT benchmark)
+
+BATCHES = (1, 64)
+
+# name -> build(model_name, float_model, int8_model, example_input, device) -> (run, size_bytes) or None
+EXTRA_IMPLS: Dict[str, Callable] = {}
+
+
+def register_impl(name: str, build: Callable) -> None:
+    """Adds an implementation row (see the module docstring)."""
+    EXTRA_IMPLS[name] = build
+
+
+def mlp():
+    layers = []
+    for i in range(4):
+        layers.append(nn.Linear(1024, 1024))
+        if i < 3:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+MODELS = {"mlp": (mlp, (1024,)), "cnn": (SmallResNet, (3, 32, 32))}
+
+
+def int8_model(float_model: nn.Module, shape, device) -> nn.Module:
+    qat = qatx.prepare_qat(float_model, qatx.presets.W8A8).to(device).train()
+    with torch.no_grad():
+        for _ in range(8):
+            qat(torch.randn(64, *shape, device=device))
+    qatx.enable_observer(qat, False)
+    return qatx.convert(qat.eval())
+
+
+def scripted(model: nn.Module):
+    s = torch.jit.freeze(torch.jit.script(model).eval())
+    buf = io.BytesIO()
+    torch.jit.save(s, buf)
+    return s, buf.getbuffer().nbytes
+
+
+def timed(fn, x, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run(device: str, iters: int, warmup: int, models, batches):
+    rows = []
+    for name in models:
+        make, shape = MODELS[name]
+        torch.manual_seed(0)
+        fp32 = make().to(device).eval()
+        int8 = int8_model(fp32, shape, device)
+        impls = {"fp32": (fp32, qatx.model_size(fp32)), "qatx_int8": (int8, qatx.model_size(int8))}
+        impls["qatx_int8_script"] = scripted(int8)
+        for impl, build in EXTRA_IMPLS.items():
+            built = build(name, fp32, int8, torch.randn(1, *shape, device=device), device)
+            if built is not None:
+                impls[impl] = built
+        for batch in batches:
+            x = torch.randn(batch, *shape, device=device)
+            times = {k: [] for k in impls}
+            with torch.inference_mode():
+                for fn, _ in impls.values():
+                    for _ in range(warmup):
+                        fn(x)
+                for _ in range(iters):
+                    for k, (fn, _) in impls.items():
+                        times[k].append(timed(fn, x, device))
+            base = statistics.median(times["fp32"])
+            for k, (_, size) in impls.items():
+                ms = statistics.median(times[k])
+                rows.append({"model": name, "impl": k, "device": device, "batch": batch, "ms": ms, "size_bytes": size})
+                print(f"{name:4s} batch {batch:3d}  {k:18s} {ms:9.3f} ms  x{base / ms:5.2f} vs fp32  "
+                      f"{size / 1e6:7.2f} MB", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per implementation and batch")
+    p.add_argument("--quick", action="store_true", help="a few iterations (smoke test)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU available")
+    iters, warmup = (2, 1) if args.quick else (args.iters, 5)
+    print(f"torch {torch.__version__}, qatx {qatx.__version__}, {torch.get_num_threads()} threads, {args.device}")
+    rows = run(args.device, iters, warmup, list(MODELS), BATCHES)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#include "qatx/ops/int8.h"
+
+#include "qatx/ops/typed_op.h"
+
+namespace qatx {
+namespace ops {
+
+using T = at::Tensor;
+using CT = const at::Tensor&;
+using OptT = const std::optional<at::Tensor>&;
+using Ints = at::IntArrayRef;
+
+T linear_int8(CT input, CT input_scale, CT input_zero_point, int64_t input_quant_min, int64_t input_quant_max,
+              CT weight, CT weight_scale, CT weight_zero_point, OptT bias, bool relu) {
+  QATX_DISPATCH("linear_int8", T(CT, CT, CT, int64_t, int64_t, CT, CT, CT, OptT, bool), input, input_scale,
+                input_zero_point, input_quant_min, input_quant_max, weight, weight_scale, weight_zero_point, bias,
+                relu);
+}
+
+T convolution_int8(CT input, CT input_scale, CT input_zero_point, int64_t input_quant_min, int64_t input_quant_max,
+                   CT weight, CT weight_scale, CT weight_zero_point, OptT bias, Ints stride, Ints padding,
+                   Ints dilation, bool transposed, Ints output_padding, int64_t groups, bool relu) {
+  QATX_DISPATCH("convolution_int8",
+                T(CT, CT, CT, int64_t, int64_t, CT, CT, CT, OptT, Ints, Ints, Ints, bool, Ints, int64_t, bool), input,
+                input_scale, input_zero_point, input_quant_min, input_quant_max, weight, weight_scale,
+                weight_zero_point, bias, stride, padding, dilation, transposed, output_padding, groups, relu);
+}
+
+T linear_int8_dynamic(CT input, CT weight, CT weight_scale, CT weight_zero_point, OptT bias, bool per_row) {
+  QATX_DISPATCH("linear_int8_dynamic", T(CT, CT, CT, CT, OptT, bool), input, weight, weight_scale, weight_zero_point,
+                bias, per_row);
+}
+
+#undef QATX_DISPATCH
+
+}  // namespace ops
+}  // namespace qatx

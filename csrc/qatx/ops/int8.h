@@ -1,0 +1,28 @@
+// Public C++ API of the INT8 inference ops: typed calls through the dispatcher (CPU, CUDA and
+// Meta kernels). Formulas, rounding, saturation and errors: docs/ops.md.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace qatx {
+namespace ops {
+
+at::Tensor linear_int8(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
+                       int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& weight,
+                       const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
+                       const std::optional<at::Tensor>& bias = std::nullopt, bool relu = false);
+
+at::Tensor convolution_int8(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
+                            int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& weight,
+                            const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                            bool relu = false);
+
+at::Tensor linear_int8_dynamic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_scale,
+                               const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias = std::nullopt,
+                               bool per_row = false);
+
+}  // namespace ops
+}  // namespace qatx

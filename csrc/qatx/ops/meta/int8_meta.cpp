@@ -1,0 +1,35 @@
+// Meta kernels of the INT8 ops: the shared checks (no value reads) and an empty float32 output,
+// so torch.compile and torch.export trace the ops.
+#include "qatx/ops/int8_kernels.h"
+
+#include <ATen/ops/empty.h>
+
+namespace qatx {
+namespace ops {
+namespace {
+
+struct Int8MetaBackend {
+  static constexpr bool kChecksValuesOnHost = false;
+  static at::Tensor linear(const at::Tensor& input, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                           const at::Tensor& weight, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, bool, const int8::WeightQParams&) {
+    return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
+  }
+  static at::Tensor convolution(const at::Tensor& input, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, const int8::ConvGeometry& geo, bool transposed,
+                                int64_t, bool) {
+    return int8::empty_conv_output(geo, transposed, input.options());
+  }
+  static at::Tensor linear_dynamic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor&,
+                                   const at::Tensor&, const std::optional<at::Tensor>&, bool) {
+    return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qatx, Meta, m) { Int8Kernels<Int8MetaBackend>::register_all(m); }
+
+}  // namespace ops
+}  // namespace qatx

@@ -1,0 +1,319 @@
+"""The INT8 ops (linear_int8, convolution_int8, linear_int8_dynamic): exact integer sums against an
+obviously-right int64 reference, the FBGEMM route's saturation guard (sparse and dense residual
+passes), the reference route (per-group, transposed), layouts, opcheck, and every documented error.
+
+Tolerance: the integer accumulator is exact; the float epilogue (acc + bias) * s_in * s_w is
+rounded to float32 in a different order by FBGEMM, so outputs are compared with rtol=1e-5 and an
+absolute tolerance of 1e-5 * max|y| (far below one accumulator step s_in * s_w)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qatx
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def ref_quantize(x, s, z, qmin, qmax):
+    return qatx.quantize_per_tensor_affine(x, s, z, qmin, qmax, torch.int32).long()
+
+
+def ref_linear(x, s, z, qmin, qmax, w, sw, zw, bias=None, relu=False):
+    """int64 sums, then the float64 epilogue rounded once to float32."""
+    k = w.shape[1]
+    a = (ref_quantize(x, s, z, qmin, qmax) - int(z)).reshape(-1, k)
+    wc = w.long() - zw.long().reshape(-1, 1)
+    acc = a @ wc.t()
+    if bias is not None:
+        acc = acc + bias.long()
+    y = (acc.double() * (s.double() * sw.double().reshape(1, -1))).float()
+    if relu:
+        y = y.clamp_min(0)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def ref_conv(x, s, z, qmin, qmax, w, sw, zw, bias, stride, padding, dilation, transposed, output_padding, groups,
+             relu=False):
+    a = (ref_quantize(x, s, z, qmin, qmax) - int(z)).double()
+    d = x.dim() - 2
+    zw = zw.expand(w.shape[1] * groups if transposed else w.shape[0])
+    if transposed:
+        g = groups
+        shp = list(w.shape)
+        wc = (w.long().reshape([g, shp[0] // g] + shp[1:]) -
+              zw.long().reshape([g, 1, shp[1]] + [1] * d)).reshape(shp).double()
+    else:
+        wc = (w.long() - zw.long().reshape([-1] + [1] * (d + 1))).double()
+    acc = torch.convolution(a, wc, None, stride, padding, dilation, transposed, output_padding, groups)
+    cs = [1, -1] + [1] * d
+    if bias is not None:
+        acc = acc + bias.double().reshape(cs)
+    y = (acc * (s.double() * sw.double().reshape(cs))).float()
+    return y.clamp_min(0) if relu else y
+
+
+def assert_close_epilogue(y, ref):
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-30)
+
+
+def qparams(gen, n, per_channel, asymmetric=False, device="cpu"):
+    sw = (torch.rand(n if per_channel else 1, generator=gen) * 0.02 + 0.005).to(device)
+    zw = (torch.randint(-20, 20, sw.shape, generator=gen, dtype=torch.int32) if asymmetric
+          else torch.zeros(sw.shape, dtype=torch.int32)).to(device)
+    return sw, zw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("irange", [(0, 255), (-128, 127), (0, 15)])
+def test_linear_int8_matches_integer_reference(device, per_channel, asym, irange):
+    gen = torch.Generator().manual_seed(hash((per_channel, asym, irange)) % 1000)
+    qmin, qmax = irange
+    m, k, n = 37, 70, 24
+    x = (torch.randn(3, m, k, generator=gen) * 2).to(device)
+    s = torch.tensor([0.03]).to(device)
+    z = torch.tensor([(qmin + qmax) // 3], dtype=torch.int32).to(device)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+    sw, zw = qparams(gen, n, per_channel, asym, device)
+    bias = torch.randint(-5000, 5000, (n,), generator=gen, dtype=torch.int32).to(device)
+    for b, relu in [(bias, False), (None, True), (bias, True)]:
+        y = qatx.linear_int8(x, s, z, qmin, qmax, w, sw, zw, b, relu)
+        assert y.dtype == torch.float32 and y.shape == (3, m, n)
+        assert_close_epilogue(y.cpu(), ref_linear(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, w.cpu(), sw.cpu(), zw.cpu(),
+                                                  None if b is None else b.cpu(), relu))
+
+
+@pytest.mark.parametrize("high_fraction", [0.0, 0.02, 0.5, 1.0])
+def test_linear_int8_no_int16_saturation(high_fraction):
+    """Large activations meeting large same-sign weights: the sums stay exact (the FBGEMM route
+    splits the activations; 0.02 takes the sparse residual pass, 0.5 and 1.0 the second GEMM)."""
+    gen = torch.Generator().manual_seed(7)
+    m, k, n = 64, 256, 48
+    s, z = torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
+    q = torch.randint(0, 100, (m, k), generator=gen).float()
+    high = torch.rand(m, k, generator=gen) < high_fraction
+    q[high] = 255.0
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[n // 2:] = -128
+    w[:, ::3] = torch.randint(-128, 128, (k // 3 + 1,), generator=gen, dtype=torch.int8)[:w[:, ::3].shape[1]]
+    sw, zw = torch.ones(n), torch.zeros(n, dtype=torch.int32)
+    y = qatx.linear_int8(q, s, z, 0, 255, w, sw, zw)
+    expected = (q.long() @ w.long().t()).double()
+    assert torch.equal(y.double(), expected.float().double())  # integers below 2^24: exact in float32
+
+
+def test_linear_int8_per_group_and_4bit_values():
+    gen = torch.Generator().manual_seed(3)
+    n, k, gs = 10, 64, 16
+    x = torch.randn(5, k, generator=gen)
+    s, z = torch.tensor([0.02]), torch.tensor([128], dtype=torch.int32)
+    w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    sw = torch.rand(n, k // gs, generator=gen) * 0.1 + 0.01
+    zw = torch.zeros(n, k // gs, dtype=torch.int32)
+    bias = torch.randint(-100, 100, (n,), generator=gen, dtype=torch.int32)
+    y = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, bias)
+    a = (ref_quantize(x, s, z, 0, 255) - 128).double().reshape(5, k // gs, gs)
+    acc = torch.einsum("mgk,ngk->mng", a, w.double().reshape(n, k // gs, gs))
+    expected = ((acc * sw.double()).sum(-1) + bias.double() * sw[:, 0].double()) * 0.02
+    assert_close_epilogue(y, expected.float())
+
+
+CONV_CASES = [
+    # (dim, transposed, c_in, c_out, kernel, stride, padding, dilation, output_padding, groups)
+    (2, False, 8, 16, 3, 1, 1, 1, 0, 1),
+    (2, False, 6, 9, 3, 2, 0, 1, 0, 3),
+    (2, False, 4, 8, (3, 1), (2, 1), (2, 0), (2, 1), 0, 1),
+    (2, False, 16, 16, 3, 1, 1, 1, 0, 16),
+    (1, False, 5, 7, 3, 2, 1, 1, 0, 1),
+    (3, False, 4, 6, 3, 1, 1, 1, 0, 2),
+    (2, True, 6, 4, 3, 2, 1, 1, 1, 2),
+    (1, True, 4, 5, 4, 2, 1, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_convolution_int8_matches_integer_reference(device, case, per_channel):
+    d, tr, cin, cout, k, stride, pad, dil, opad, g = CONV_CASES[case]
+    gen = torch.Generator().manual_seed(case)
+    tup = (lambda v: list(v) if isinstance(v, tuple) else [v] * d)
+    k, stride, pad, dil, opad = tup(k), tup(stride), tup(pad), tup(dil), tup(opad)
+    x = torch.randn([2, cin] + [7] * d, generator=gen).to(device)
+    wshape = [cin, cout // g] + k if tr else [cout, cin // g] + k
+    w = torch.randint(-128, 128, wshape, generator=gen, dtype=torch.int8).to(device)
+    sw, zw = qparams(gen, cout, per_channel, asymmetric=True, device=device)
+    s, z = torch.tensor([0.02]).to(device), torch.tensor([90], dtype=torch.int32).to(device)
+    bias = torch.randint(-3000, 3000, (cout,), generator=gen, dtype=torch.int32).to(device)
+    for b, relu in [(bias, False), (None, True)]:
+        y = qatx.convolution_int8(x, s, z, 0, 255, w, sw, zw, b, stride, pad, dil, tr, opad, g, relu)
+        ref = ref_conv(x.cpu(), s.cpu(), z.cpu(), 0, 255, w.cpu(), sw.cpu(), zw.cpu(),
+                       None if b is None else b.cpu(), stride, pad, dil, tr, opad, g, relu)
+        assert y.shape == ref.shape
+        assert_close_epilogue(y.cpu(), ref)
+        if not tr:  # channels-last output (what the im2col GEMM writes)
+            assert y.permute([0] + list(range(2, d + 2)) + [1]).is_contiguous()
+
+
+@pytest.mark.parametrize("zero_point", [0, 200])
+def test_convolution_int8_saturation_and_padding_residual(zero_point):
+    """Activations near 255 (and a zero point above the no-saturation bound, so padding itself
+    carries a residual) with extreme weights: still the exact sums."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 256, (2, 8, 6, 6), generator=gen).float()
+    w = torch.where(torch.rand(16, 8, 3, 3, generator=gen) < 0.5, 127, -128).to(torch.int8)
+    s, z = torch.tensor([1.0]), torch.tensor([zero_point], dtype=torch.int32)
+    sw, zw = torch.ones(16), torch.zeros(16, dtype=torch.int32)
+    y = qatx.convolution_int8(q - 0.0, s, z, 0, 255, w, sw, zw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    ref = ref_conv(q, s, z, 0, 255, w, sw, zw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert torch.equal(y, ref)
+
+
+def ref_dynamic(x, w, sw, zw, bias, per_row):
+    k = w.shape[1]
+    x2 = x.reshape(-1, k)
+    if per_row:
+        lo, hi = x2.amin(1).clamp_max(0), x2.amax(1).clamp_min(0)
+    else:
+        lo, hi = x2.min().clamp_max(0).reshape(1), x2.max().clamp_min(0).reshape(1)
+    s = (hi - lo) / 255.0
+    s = torch.where(s >= 2.0 ** -126, s, torch.ones_like(s))
+    z = torch.clamp(torch.round(-lo * s.reciprocal()), 0, 255).to(torch.int32)
+    if per_row:
+        q = qatx.quantize_per_channel_affine(x2, s, z, 0, 0, 255, torch.int32).long() - z.long().reshape(-1, 1)
+    else:
+        q = qatx.quantize_per_tensor_affine(x2, s, z, 0, 255, torch.int32).long() - int(z)
+    acc = q @ (w.long() - zw.long().reshape(-1, 1)).t()
+    y = acc.double() * (s.double().reshape(-1, 1) * sw.double().reshape(1, -1))
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_linear_int8_dynamic_matches_reference(device, per_row):
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 9, 48, generator=gen) * torch.rand(4, 9, 1, generator=gen)).to(device)
+    w = torch.randint(-127, 128, (32, 48), generator=gen, dtype=torch.int8).to(device)
+    sw, zw = qparams(gen, 32, True, device=device)
+    bias = torch.randn(32, generator=gen).to(device)
+    y = qatx.linear_int8_dynamic(x, w, sw, zw, bias, per_row)
+    torch.testing.assert_close(y.cpu(), ref_dynamic(x.cpu(), w.cpu(), sw.cpu(), zw.cpu(), bias.cpu(), per_row),
+                               rtol=1e-5, atol=1e-5)
+    zero = qatx.linear_int8_dynamic(torch.zeros(3, 48, device=device), w, sw, zw, bias, per_row)
+    torch.testing.assert_close(zero.cpu(), bias.cpu().expand(3, 32))
+
+
+def test_packed_weight_cache_follows_in_place_updates():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 32, generator=gen)
+    s, z = torch.tensor([0.05]), torch.tensor([128], dtype=torch.int32)
+    w = torch.randint(-100, 100, (16, 32), generator=gen, dtype=torch.int8)
+    sw, zw = torch.full((16,), 0.01), torch.zeros(16, dtype=torch.int32)
+    y1 = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw)
+    w.copy_(torch.randint(-100, 100, (16, 32), generator=gen, dtype=torch.int8))  # bumps the version counter
+    y2 = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw)
+    assert_close_epilogue(y2, ref_linear(x, s, z, 0, 255, w, sw, zw))
+    assert not torch.equal(y1, y2)
+    for _ in range(3):  # fresh weights at possibly reused addresses
+        w2 = torch.randint(-100, 100, (16, 32), generator=gen, dtype=torch.int8)
+        assert_close_epilogue(qatx.linear_int8(x, s, z, 0, 255, w2, sw, zw), ref_linear(x, s, z, 0, 255, w2, sw, zw))
+        del w2
+
+
+def test_empty_and_scripted():
+    w = torch.randint(-5, 5, (4, 8), dtype=torch.int8)
+    s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    sw, zw = torch.ones(1), torch.zeros(1, dtype=torch.int32)
+    assert qatx.linear_int8(torch.empty(0, 8), s, z, 0, 255, w, sw, zw).shape == (0, 4)
+    fn = torch.jit.script(qatx.ops.linear_int8)
+    x = torch.rand(3, 8)
+    assert torch.equal(fn(x, s, z, 0, 255, w, sw, zw, None, False), qatx.linear_int8(x, s, z, 0, 255, w, sw, zw))
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(0)
+    s, z = torch.tensor([0.05]), torch.tensor([100], dtype=torch.int32)
+    w = torch.randint(-128, 128, (12, 16), generator=gen, dtype=torch.int8)
+    sw, zw = torch.rand(12, generator=gen) * 0.1 + 0.01, torch.zeros(12, dtype=torch.int32)
+    b = torch.randint(-100, 100, (12,), generator=gen, dtype=torch.int32)
+    x = torch.randn(5, 16, generator=gen)
+    wc = torch.randint(-128, 128, (6, 4, 3, 3), generator=gen, dtype=torch.int8)
+    wt = torch.randint(-128, 128, (4, 3, 3, 3), generator=gen, dtype=torch.int8)
+    xc = torch.randn(2, 4, 6, 6, generator=gen)
+    sc, zc = torch.rand(6, generator=gen) * 0.1 + 0.01, torch.zeros(6, dtype=torch.int32)
+    return [
+        (torch.ops.qatx.linear_int8.default, (x, s, z, 0, 255, w, sw, zw, b, True)),
+        (torch.ops.qatx.linear_int8.default, (x, s, z, 0, 255, w, sw[:1], zw[:1], None, False)),
+        (torch.ops.qatx.convolution_int8.default,
+         (xc, s, z, 0, 255, wc, sc, zc, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, True)),
+        (torch.ops.qatx.convolution_int8.default,
+         (xc, s, z, 0, 255, wt, sw[:3], zw[:3], None, [2, 2], [1, 1], [1, 1], True, [1, 1], 1, False)),
+        (torch.ops.qatx.linear_int8_dynamic.default, (x, w, sw, zw, None, False)),
+        (torch.ops.qatx.linear_int8_dynamic.default, (x, w, sw, zw, torch.randn(12, generator=gen), True)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck(index):
+    op, args = _opcheck_cases()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_errors():
+    x = torch.randn(4, 8)
+    s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    w = torch.randint(-5, 5, (3, 8), dtype=torch.int8)
+    sw, zw = torch.ones(3), torch.zeros(3, dtype=torch.int32)
+    op = qatx.linear_int8
+    with pytest.raises(RuntimeError, match="input must be torch.float32"):
+        op(x.double(), s, z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="weight must be torch.int8"):
+        op(x, s, z, 0, 255, w.float(), sw, zw)
+    with pytest.raises(RuntimeError, match="in_features"):
+        op(x[:, :5], s, z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="at most 8 bits"):
+        op(x, s, z, 0, 511, w, sw, zw)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        op(x, s, torch.tensor([300], dtype=torch.int32), 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(x, torch.tensor([0.0]), z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="weight_scale must have shape"):
+        op(x, s, z, 0, 255, w, torch.ones(2), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(x, s, z, 0, 255, w, sw, zw, torch.ones(3))
+    with pytest.raises(RuntimeError, match="NaN"):
+        op(torch.full((2, 8), float("nan")), s, z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="input must be finite"):
+        qatx.linear_int8_dynamic(torch.full((2, 8), float("inf")), w, sw, zw)
+    xc = torch.randn(1, 4, 5, 5)
+    wc = torch.randint(-5, 5, (6, 4, 3, 3), dtype=torch.int8)
+    sc, zc = torch.ones(6), torch.zeros(6, dtype=torch.int32)
+    conv = qatx.convolution_int8
+    with pytest.raises(RuntimeError, match="weight must have 3 dimensions"):
+        conv(xc[0], s, z, 0, 255, wc, sc, zc, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    with pytest.raises(RuntimeError, match="divisible by groups"):
+        conv(xc, s, z, 0, 255, wc, sc, zc, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 3)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        conv(xc, s, z, 0, 255, wc, sc, zc, None, [0, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    with pytest.raises(RuntimeError, match="empty"):
+        conv(xc, s, z, 0, 255, torch.randint(-5, 5, (6, 4, 7, 7), dtype=torch.int8), sc, zc, None, [1, 1], [0, 0],
+             [1, 1], False, [0, 0], 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_opcheck_and_int_mm_route():
+    for op, args in _opcheck_cases():
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 256, generator=gen)
+    w = torch.randint(-128, 128, (128, 256), generator=gen, dtype=torch.int8)
+    s, z = torch.tensor([0.02]), torch.tensor([77], dtype=torch.int32)
+    sw, zw = torch.rand(128, generator=gen) * 0.01 + 0.001, torch.randint(-3, 3, (128,), dtype=torch.int32)
+    b = torch.randint(-999, 999, (128,), generator=gen, dtype=torch.int32)
+    y = qatx.linear_int8(x.cuda(), s.cuda(), z.cuda(), 0, 255, w.cuda(), sw.cuda(), zw.cuda(), b.cuda(), True)
+    assert_close_epilogue(y.cpu(), ref_linear(x, s, z, 0, 255, w, sw, zw, b, True))
