@@ -30,6 +30,7 @@ from .config import QConfig, QuantSpec
 from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepare_qat
 from .report import report, sensitivity
 from .distributed import sync_observers
+from .checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -59,3 +60,4 @@ __all__ = [
 
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
             "enable_observer", "freeze_bn_stats", "report", "sensitivity", "sync_observers"]
+__all__ += ["save_checkpoint", "load_checkpoint"]
