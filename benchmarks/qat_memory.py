@@ -119,6 +119,42 @@ def measure(config, device, batch):
     return {"peak": peak, "at_start": at_start}
 
 
+def saved_tensor_breakdown(config, batch):
+    """{autograd node name: bytes} of the tensors the forward saves for backward (each storage counted
+    once, for the first node found saving it), read from the graph's ``_saved_*`` attributes. Nodes
+    implemented in C++ extensions (qatx's own ops) do not expose theirs: qatx's affine ops save a
+    1-bit-per-element mask, which is not listed."""
+    model = make_model(config, torch.randn(2, 3, 32, 32))
+    if model is None:
+        return None
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    model(x)  # first batch: observers / LSQ initialisation
+    loss = F.cross_entropy(model(x), torch.randint(0, 10, (batch,), generator=gen))
+    seen, by_node, stack, visited = set(), {}, [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except Exception:
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    key = t.untyped_storage().data_ptr()
+                    if key not in seen:
+                        seen.add(key)
+                        by_node[node.name()] = by_node.get(node.name(), 0) + t.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return by_node
+
+
 def run_config_in_subprocess(config, device, batch):
     env = dict(os.environ)
     python_dir = os.path.join(os.path.dirname(HERE), "python")
@@ -137,6 +173,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--quick", action="store_true", help="batch 8 (smoke test)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print, per config, the bytes saved for backward by each kind of autograd node")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config in this process
     args = p.parse_args(argv)
     if args.quick:
@@ -164,6 +202,15 @@ def main(argv=None):
         rows.append(row)
         print(f"{config:<16} {row['peak_mb']:>9.1f} {row['at_start_mb']:>9.1f} {row['step_mb']:>9.1f} "
               f"{row['ratio_vs_fp32']:>7.2f}x")
+    if args.breakdown:
+        for config in configs:
+            by_node = saved_tensor_breakdown(config, args.batch)
+            if by_node is None:
+                continue
+            total = sum(by_node.values())
+            print(f"\nsaved for backward, {config}: {total / MB:.1f} MB")
+            for name, nbytes in sorted(by_node.items(), key=lambda kv: -kv[1])[:8]:
+                print(f"  {name:<40} {nbytes / MB:>8.1f} MB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
