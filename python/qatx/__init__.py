@@ -31,6 +31,7 @@ from .prepare import enable_fake_quant, enable_observer, freeze_bn_stats, prepar
 from .ptq import calibrate, prepare_ptq, set_activation_ranges, transfer_qparams
 from .report import report, sensitivity
 from .distributed import sync_observers
+from .checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -70,3 +71,4 @@ from .ops import convolution_int8, linear_int8, linear_int8_dynamic  # noqa: E40
 
 __all__ += ["convert", "compare", "model_size", "quantize_dynamic", "linear_int8", "convolution_int8",
             "linear_int8_dynamic"]
+__all__ += ["save_checkpoint", "load_checkpoint"]

@@ -74,12 +74,12 @@ class QuantSpec:
     power_of_two_scale: bool = False
 
     def __post_init__(self):
+        for name in ("signed", "symmetric", "narrow_range"):  # first: quant_range uses them
+            _check_bool(name, getattr(self, name))
         try:
             quant_range(self.bits, self.signed, self.narrow_range)
         except ValueError as e:
             raise ValueError(f"QuantSpec.bits: {e}") from None
-        for name in ("signed", "symmetric", "narrow_range"):
-            _check_bool(name, getattr(self, name))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.axis is not None and (not isinstance(self.axis, int) or isinstance(self.axis, bool)):

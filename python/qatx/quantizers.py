@@ -55,8 +55,54 @@ class _Toggles(nn.Module):
 
     @torch.jit.unused
     def set_extra_state(self, state: Dict[str, Any]) -> None:
+        # A checkpoint is data: accept exactly the flags get_extra_state writes, as bools.
+        expected = self.get_extra_state()
+        if not isinstance(state, dict) or set(state) != set(expected) or \
+                not all(isinstance(v, bool) for v in state.values()):
+            raise RuntimeError(f"{type(self).__name__}: corrupted extra state in the state_dict: expected a dict "
+                               f"of bools with the keys {sorted(expected)}, got {state!r}")
         for key, value in state.items():
             setattr(self, key, value)
+
+    # Loaded qparams are checked for what a corrupted checkpoint could hold (wrong dtype, shape,
+    # non-finite values), so that load_state_dict fails instead of the first forward.
+    _QPARAM_CHECKS = {}  # name -> rule of _qparam_problem (a class attribute, not scripted)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name, rule in self._QPARAM_CHECKS.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor):
+                problem = _qparam_problem(value, rule, self)
+                if problem:
+                    error_msgs.append(f"{prefix}{name}: {problem}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _qparam_problem(t: Tensor, rule: str, module: nn.Module) -> str:
+    """Why a loaded qparam is invalid for ``rule`` ("" when it is fine)."""
+    if t.device.type == "meta":
+        return ""
+    if rule == "fixed_scale":  # what the affine ops accept: floating, finite, >= 2**-126
+        if not t.is_floating_point():
+            return f"scale must have a floating dtype, got {t.dtype}"
+        s = t.detach().float()
+        if not bool(((s >= 2.0 ** -126) & (s <= torch.finfo(torch.float32).max)).all()):
+            return "scale must be finite and at least 2**-126, got " + str(s.reshape(-1)[:8].tolist())
+        return ""
+    if rule == "fixed_zero_point":
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            return f"zero_point must have an integer dtype, got {t.dtype}"
+        if t.numel() and not bool(((t >= module.quant_min) & (t <= module.quant_max)).all()):
+            return f"zero_point must lie inside [quant_min, quant_max] = [{module.quant_min}, {module.quant_max}]"
+        return ""
+    # "finite": learned parameters (LSQ scale / zero point, PACT alpha), clamped before use
+    if not t.is_floating_point():
+        return f"must have a floating dtype, got {t.dtype}"
+    if not bool(torch.isfinite(t.detach()).all()):
+        return "must be finite, got " + str(t.detach().reshape(-1)[:8].tolist())
+    return ""
 
 
 class FakeQuantize(_Toggles):
@@ -211,8 +257,16 @@ class FakeQuantize(_Toggles):
             self.update_qparams()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    _QPARAM_CHECKS = {"scale": "fixed_scale", "zero_point": "fixed_zero_point"}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        s, z = state_dict.get(prefix + "scale"), state_dict.get(prefix + "zero_point")
+        if isinstance(s, Tensor) and isinstance(z, Tensor) and (s.shape != z.shape or s.dim() != 1 and
+                                                                 self.granularity == "per_channel"):
+            error_msgs.append(f"{prefix}scale and {prefix}zero_point must have the same shape (1-D per channel), "
+                              f"got {list(s.shape)} and {list(z.shape)}")
+            return
         for name in ("scale", "zero_point"):  # per-channel/group shapes are set by the first batch
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
@@ -306,6 +360,8 @@ class LearnableFakeQuantize(_Toggles):
             self.register_buffer("zero_point", torch.zeros(shape))
         self.observer = MinMaxObserver(granularity, axis, group_size)
 
+    _QPARAM_CHECKS = {"scale": "finite", "zero_point": "finite"}
+
     def _extra_flags(self) -> Dict[str, Any]:
         return {"initialized": self.initialized}
 
@@ -368,10 +424,14 @@ class PACT(_Toggles):
         quant_range(bits, signed)
         if not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive finite float, got {alpha!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a positive finite float, got {eps!r}")
         self.bits = bits
         self.signed = signed
         self.eps = float(eps)
         self.alpha = nn.Parameter(torch.tensor([float(alpha)]))
+
+    _QPARAM_CHECKS = {"alpha": "finite"}
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fake_quant_enabled:

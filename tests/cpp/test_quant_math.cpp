@@ -247,6 +247,22 @@ TEST(SaturateCast, Int32BeyondRange) {
   EXPECT_EQ(saturate_cast<int32_t>(-kInf), kMin);
 }
 
+// Regression (found by fuzzing): int32 ranges whose bounds float32 cannot represent. The float
+// clamp uses float(2^30 - 1) == 2^30, so the integer clamp must bring q back inside the range.
+TEST(ToQuantizedInt, StaysInsideInt32RangesBeyondFloatPrecision) {
+  constexpr int32_t kQmin = -1073741823, kQmax = 1073741823;  // +-(2^30 - 1)
+  EXPECT_EQ(to_quantized_int<int32_t>(static_cast<float>(kQmax), kQmin, kQmax), kQmax);
+  EXPECT_EQ(to_quantized_int<int32_t>(static_cast<float>(kQmin), kQmin, kQmax), kQmin);
+  EXPECT_EQ(to_quantized_int<int32_t>(1e10f, kQmin, kQmax), kQmax);
+  EXPECT_EQ(to_quantized_int<int32_t>(-kInf, kQmin, kQmax), kQmin);
+  constexpr int32_t kLowest = std::numeric_limits<int32_t>::lowest();
+  EXPECT_EQ(to_quantized_int<int32_t>(-2147483648.0f, kLowest + 1, 5), kLowest + 1);
+  EXPECT_EQ(to_quantized_int<int32_t>(-7.0f, kLowest + 1, 5), -7);
+  EXPECT_EQ(to_quantized_int<int8_t>(-128.0f, -127, 127), -127);
+  EXPECT_EQ(to_quantized_int<int8_t>(42.0f, -127, 127), 42);
+  EXPECT_EQ(to_quantized_int<uint8_t>(std::nanf(""), 3, 200), 3);  // NaN: no undefined conversion
+}
+
 TEST(PackBits8, AllPatterns) {
   for (int pattern = 0; pattern < 256; ++pattern) {
     uint8_t flags[8];

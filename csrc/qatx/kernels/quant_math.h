@@ -118,6 +118,17 @@ QATX_HOST_DEVICE Int saturate_cast(float q) {
   return static_cast<Int>(q);
 }
 
+// The stored integer of a clamped q: saturate_cast, then clamped again to [quant_min, quant_max]
+// in the integer type. For int32 ranges beyond 2^24 the float32 bounds used by the clamp may lie
+// outside the integer bounds (float(2^30 - 1) == 2^30), so only this second clamp keeps q inside
+// the requested range. NaN (reported separately as an error) gives quant_min, never an undefined
+// float-to-integer conversion.
+template <typename Int>
+QATX_HOST_DEVICE Int to_quantized_int(float q, Int quant_min, Int quant_max) {
+  const Int v = q == q ? saturate_cast<Int>(q) : quant_min;
+  return v < quant_min ? quant_min : (v > quant_max ? quant_max : v);
+}
+
 // Packs eight 0/1 flags (flag j -> bit j) into one byte: the STE mask keeps one bit per
 // element instead of one byte. The multiply gathers bit 0 of each byte into the top byte.
 QATX_HOST_DEVICE uint8_t pack_bits8(const uint8_t flags[8]) {

@@ -63,10 +63,10 @@ void check_quant_range_for_dtype(int64_t quant_min, int64_t quant_max, at::Scala
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min=", quant_min, " must be smaller than quant_max=", quant_max);
 }
 
-void check_float_input(const at::Tensor& input, const char* op) {
+void check_float_input(const at::Tensor& input, const char* op, const char* name) {
   const auto t = input.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": input must be float32, float16 or bfloat16, got ", dtype_name(t));
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dtype_name(t));
 }
 
 void check_int_input(const at::Tensor& input, const char* op) {

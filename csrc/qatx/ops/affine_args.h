@@ -29,7 +29,7 @@ void check_quant_range(int64_t quant_min, int64_t quant_max, const char* op);
 void check_quant_range_for_dtype(int64_t quant_min, int64_t quant_max, at::ScalarType dtype,
                                  const char* op);
 // input is float32, float16 or bfloat16.
-void check_float_input(const at::Tensor& input, const char* op);
+void check_float_input(const at::Tensor& input, const char* op, const char* name = "input");
 // input is int8, uint8, int16 or int32 (what quantize_* produces).
 void check_int_input(const at::Tensor& input, const char* op);
 // The dtypes the qparams may have. Affine ops: any floating scale and an integer zero point

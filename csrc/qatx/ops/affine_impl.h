@@ -84,7 +84,7 @@ struct AffineKernels {
 
   static Tensor ste_backward(const Tensor& grad_output, const Tensor& mask) {
     constexpr const char* op = "qatx::_fake_quantize_ste_backward";
-    check_float_input(grad_output, op);
+    check_float_input(grad_output, op, "grad_output");
     TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1, op,
                 ": mask must be a 1-D torch.uint8 tensor, got ", mask.scalar_type(), " with shape ", mask.sym_sizes());
     TORCH_CHECK(mask.device() == grad_output.device(), op, ": mask must be on grad_output's device (",

@@ -86,13 +86,15 @@ QATX_CPU_CLONES void fake_quantize_blocks(const T* x, T* y, uint8_t* mask, int64
 
 template <typename T, typename Int>
 QATX_CPU_CLONES void quantize_blocks(const T* x, Int* out, int64_t numel, int64_t block_begin, int64_t block_end,
-                                     QParamsCpu qp, float qmin, float qmax, bool& saw_nan) {
+                                     QParamsCpu qp, int64_t quant_min, int64_t quant_max, bool& saw_nan) {
   bool nan = false;
+  const float qmin = static_cast<float>(quant_min), qmax = static_cast<float>(quant_max);
+  const Int int_min = static_cast<Int>(quant_min), int_max = static_cast<Int>(quant_max);
   qp.for_each_block(numel, block_begin, block_end, [&](int64_t p0, int64_t n, const auto& q) {
     for (int64_t j = 0; j < n; ++j) {
       const float v = math::quantize_value(static_cast<float>(x[p0 + j]), q.inv_scale(j), q.zero_point(j), qmin, qmax);
       nan |= v != v;
-      out[p0 + j] = math::saturate_cast<Int>(v);
+      out[p0 + j] = math::to_quantized_int<Int>(v, int_min, int_max);
     }
   });
   saw_nan = nan;

@@ -120,7 +120,7 @@ __global__ void fake_quantize_kernel(const T* __restrict__ x, T* __restrict__ y,
 template <typename T, typename Int>
 __global__ void quantize_kernel(const T* __restrict__ x, Int* __restrict__ out, int64_t numel,
                                 const float* __restrict__ scale, const float* __restrict__ zero_point,
-                                QParamIndex index, float qmin, float qmax, bool aligned) {
+                                QParamIndex index, float qmin, float qmax, Int int_min, Int int_max, bool aligned) {
   QATX_CHUNK_LOOP(numel) {
     const int64_t p0 = chunk * kChunk;
     const int n = chunk_size(numel, p0);
@@ -132,7 +132,7 @@ __global__ void quantize_kernel(const T* __restrict__ x, Int* __restrict__ out, 
       if (j >= n) break;
       const float q = math::quantize_value(v[j], qp.inv[j], qp.z[j], qmin, qmax);
       CUDA_KERNEL_ASSERT_MSG(q == q, "qatx: quantize input contains NaN, which has no quantized value");
-      out[p0 + j] = math::saturate_cast<Int>(q);
+      out[p0 + j] = math::to_quantized_int<Int>(q, int_min, int_max);
     }
   }
 }
@@ -208,7 +208,8 @@ void CudaBackend::quantize(const at::Tensor& x, at::Tensor& out, const at::Tenso
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       quantize_kernel<scalar_t, Int><<<grid_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           xp, out.mutable_data_ptr<Int>(), numel, scale.const_data_ptr<float>(), zero_point.const_data_ptr<float>(),
-          index, static_cast<float>(quant_min), static_cast<float>(quant_max), aligned16(xp, xp));
+          index, static_cast<float>(quant_min), static_cast<float>(quant_max), static_cast<Int>(quant_min),
+          static_cast<Int>(quant_max), aligned16(xp, xp));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
