@@ -59,3 +59,8 @@ __all__ = [
 
 __all__ += ["config", "nn", "presets", "QuantSpec", "QConfig", "prepare_qat", "enable_fake_quant",
             "enable_observer", "freeze_bn_stats", "report", "sensitivity", "sync_observers"]
+
+# ---- export: TorchScript, ONNX (QDQ), torch.export programs ----
+from . import export  # noqa: E402
+
+__all__ += ["export"]
