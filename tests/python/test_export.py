@@ -267,3 +267,131 @@ def test_export_argument_errors(tmp_path):
         qatx.export.torchscript(q, x, tmp_path / "a.pt", method="compile")
     with pytest.raises(ValueError, match=r"opset must be an int in \[13, 23\]"):
         qatx.export.onnx(q, x, tmp_path / "a.onnx", opset=11)
+
+
+# ---------------------------------------------------------------- ONNX
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+#: ONNX Runtime's convolutions and GEMMs sum in another order than PyTorch's (float32 rounding,
+#: ~1e-7 relative), and QuantizeLinear rounds x / s where qatx rounds x * (1/s). An activation
+#: that lands within that rounding error of a quantization boundary takes the neighbouring step,
+#: and the next layers carry that step on. Without such a flip the outputs agree to 1e-5; with
+#: them (4-bit activations make one step large), the tests require a mean difference of at most
+#: 1% of the largest output magnitude and the same top-1 class for at least 90% of the rows.
+#: ONNX Runtime's fused integer kernels (optimized sessions) requantize intermediate results:
+#: mean difference up to 5% of the largest output.
+ONNX_ATOL, ONNX_RTOL = 1e-5, 1e-5
+
+
+def assert_onnx_close(got, expected, fused=False):
+    diff = (got - expected).abs()
+    peak = expected.abs().max().item()
+    assert diff.mean().item() <= (0.05 if fused else 0.01) * peak + ONNX_ATOL, (diff.mean().item(), peak)
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agree >= 0.9 or got.shape[0] < 4, agree
+
+
+def run_onnx(path, *inputs, optimize=False):
+    """Runs the file with ONNX Runtime. Unoptimized, ONNX Runtime computes each node as the ONNX
+    spec defines it (float Conv/Gemm on dequantized values), i.e. what qatx's QAT model computes.
+    Optimized, it fuses the QDQ groups into integer kernels that requantize differently."""
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return [torch.from_numpy(y) for y in sess.run(None, feed)]
+
+
+def producers(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onnx_qdq_matches_qatx(tmp_path, name):
+    x = torch.randn(4, 3, 8, 8)
+    q = trained(SmallCNN(), CONFIGS[name], x).eval()
+    proto = qatx.export.onnx(q, x, tmp_path / "m.onnx", dynamic_batch=True)
+    for b in (4, 1, 5):
+        xb = torch.randn(b, 3, 8, 8)
+        (y,) = run_onnx(tmp_path / "m.onnx", xb)
+        assert_onnx_close(y, frozen_reference(q, xb))
+        if name not in ("W4A8", "W4A4_LSQ"):  # ONNX Runtime's fused kernels: checked at 8 bits only
+            (y_fused,) = run_onnx(tmp_path / "m.onnx", xb, optimize=True)
+            assert_onnx_close(y_fused, frozen_reference(q, xb), fused=True)
+    ops = [n.op_type for n in proto.graph.node]
+    # Activations: stem, conv, both operands of the add, up and head; the conv and the add see
+    # the same tensor with the same observed qparams, so the two pairs are one after the exporter's
+    # common-subexpression elimination.
+    assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 5 + 4
+    # 4-bit (uint4 in a uint8) activations clip to their range between the pair.
+    assert ops.count("Clip") == (5 if name == "W4A4_LSQ" else 0)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["qatx_metadata.json"])["kind"] == "onnx"
+
+
+def test_onnx_weights_are_integer_initializers_with_per_channel_axes(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    q = trained(SmallCNN(), presets.W8A8, x).eval()
+    proto = qatx.export.onnx(q, x, tmp_path / "m.onnx")
+    inits = {i.name: i for i in proto.graph.initializer}
+    by_output = producers(proto)
+    layers = {"Conv": [], "ConvTranspose": [], "Gemm": [], "MatMul": []}
+    for node in proto.graph.node:
+        if node.op_type in layers:
+            dq = by_output[node.input[1]]
+            assert dq.op_type == "DequantizeLinear", node
+            layers[node.op_type].append((attr(dq, "axis", 1), inits[dq.input[0]]))
+    assert len(layers["Conv"]) == 2 and len(layers["ConvTranspose"]) == 1
+    assert [a for a, _ in layers["Conv"]] == [0, 0]
+    assert layers["ConvTranspose"][0][0] == 1  # weight [in, out/groups, kH, kW]: output channels on axis 1
+    head = layers["Gemm"] + layers["MatMul"]
+    assert len(head) == 1 and head[0][0] == 0
+    for _, init in layers["Conv"] + layers["ConvTranspose"] + head:
+        assert init.data_type == onnx.TensorProto.INT8
+    # The codes are the qatx quantization of the weight the QAT layer fake-quantizes, bit for bit.
+    wq = q.up.weight_quantizer
+    codes = torch.from_numpy(onnx.numpy_helper.to_array(layers["ConvTranspose"][0][1]).copy())
+    expected = qatx.quantize_per_channel_affine(q.up.weight.detach(), wq.scale, wq.zero_point, 1, -128, 127,
+                                                torch.int8)
+    assert torch.equal(codes, expected)
+    # No float copy of a quantized weight is left in the file.
+    float_weights = [i.name for i in proto.graph.initializer if i.name.endswith("weight")
+                     and i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1]
+    assert float_weights == []
+
+
+def test_onnx_grouped_conv_transpose_and_mlp(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    q = trained(SmallCNN(transpose_groups=2), presets.W8A8, x).eval()
+    qatx.export.onnx(q, x, tmp_path / "g.onnx")
+    assert_onnx_close(run_onnx(tmp_path / "g.onnx", x)[0], frozen_reference(q, x))
+    xm = torch.randn(16, 32)
+    qm = trained(mlp(), presets.W8A8, xm).eval()
+    qatx.export.onnx(qm, xm, tmp_path / "mlp.onnx", opset=17, input_names=["features"], output_names=["logits"])
+    sess = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["features"] and [o.name for o in sess.get_outputs()] == ["logits"]
+    assert_onnx_close(run_onnx(tmp_path / "mlp.onnx", xm)[0], frozen_reference(qm, xm))
+
+
+def test_onnx_per_group_weights_need_opset_21(tmp_path):
+    x = torch.randn(4, 64)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    q = trained(model, presets.W4_WEIGHT_ONLY, x).eval()
+    with pytest.raises(ValueError, match="opset >= 21"):
+        qatx.export.onnx(q, x, tmp_path / "g20.onnx", opset=20)
+    proto = qatx.export.onnx(q, x, tmp_path / "g.onnx", opset=21)
+    blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and attr(n, "block_size", 0)]
+    assert [attr(n, "block_size") for n in blocked] == [32, 32]
+    # Weight-only: no activation is quantized, so only the summation order differs.
+    torch.testing.assert_close(run_onnx(tmp_path / "g.onnx", x)[0], frozen_reference(q, x), atol=ONNX_ATOL,
+                               rtol=ONNX_RTOL)

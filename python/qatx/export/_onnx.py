@@ -144,6 +144,10 @@ def onnx(model: nn.Module, example_inputs, path, opset: int = 21, dynamic_batch:
         raise ImportError(f"qatx.export.onnx needs the packages onnx and onnxscript ({e}): pip install onnx onnxscript") \
             from e
     qdq = qdq_form(model, inputs)
+    grouped = [n for n, m in qdq.named_modules() if getattr(m, "granularity", None) == "per_group"]
+    if grouped and opset < BLOCKED_OPSET:
+        raise ValueError(f"per-group quantization ({', '.join(grouped[:3])}) is ONNX blocked quantization: "
+                         f"use opset >= {BLOCKED_OPSET}, got opset={opset}")
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

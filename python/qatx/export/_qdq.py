@@ -10,13 +10,14 @@
   the float weight (and its BN folding) drops out of the graph and the ONNX file stores
   integer weight initializers.
 """
-import math
+import types
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import quantizers
+from ..nn.qat import modules as qat_modules
 from ._common import inference_copy
 
 __all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "qdq_form"]
@@ -138,4 +139,11 @@ def qdq_form(model: nn.Module, inputs) -> nn.Module:
                 replaced[id(mod)] = FixedQuantize(*params)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replaced[id(mod)])
+    for mod in model.modules():
+        # With groups=1 the ConvTranspose weight view [in/g, out, *k] is the weight itself: read the
+        # codes directly (axis 1), without the reshapes and transposes that would sit between
+        # DequantizeLinear and ConvTranspose in the ONNX graph.
+        if isinstance(mod, qat_modules._ConvTranspose) and mod.groups == 1 and \
+                isinstance(mod.weight_quantizer, DequantizedWeight):
+            mod._quantized_weight = types.MethodType(lambda self: self.weight_quantizer(self.weight), mod)
     return model
