@@ -15,6 +15,8 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := ninja pytest numpy tqdm matplotlib
+# export: ONNX files (qatx.export.onnx) and running them in the tests
+DEPS += onnx onnxscript onnxruntime
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
