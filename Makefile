@@ -15,8 +15,11 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := ninja pytest numpy tqdm matplotlib hypothesis
-STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
+DEPS := ninja pytest numpy tqdm matplotlib hypothesis==6.170.15
+# export: ONNX files (qatx.export.onnx) and running them in the tests
+DEPS += onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+# The stamp names the torch pin and a hash of DEPS, so a changed dependency list reinstalls.
+STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))-$(shell echo "$(DEPS)" | md5sum | cut -c1-8)
 CMAKE_BUILD := build/cmake
 JOBS ?= $(shell nproc)
 

@@ -72,3 +72,8 @@ from .ops import convolution_int8, linear_int8, linear_int8_dynamic  # noqa: E40
 __all__ += ["convert", "compare", "model_size", "quantize_dynamic", "linear_int8", "convolution_int8",
             "linear_int8_dynamic"]
 __all__ += ["save_checkpoint", "load_checkpoint"]
+
+# ---- export: TorchScript, ONNX (QDQ), torch.export programs ----
+from . import export  # noqa: E402
+
+__all__ += ["export"]

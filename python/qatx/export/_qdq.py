@@ -1,0 +1,149 @@
+"""The QDQ form of a prepared (QAT) model, which the ONNX export translates node for node:
+
+* every quantizer (``FakeQuantize``, ``LearnableFakeQuantize``, ``PACT``) becomes a
+  :class:`FixedQuantize` that calls the affine fake-quantize op with its current qparams; this
+  is bit-identical (LSQ/LSQ+ run the affine kernel with the zero point rounded half to even,
+  PACT with ``s = fl32(alpha / n)`` and zero point 0, see docs/ops.md);
+* every weight quantizer becomes a :class:`DequantizedWeight` holding the integer codes of the
+  weight it sees (computed once with the qatx quantize op, so
+  ``dequantize(codes) == fake_quantize(weight)`` bit for bit) and ignoring its input, so that
+  the float weight (and its BN folding) drops out of the graph and the ONNX file stores
+  integer weight initializers.
+"""
+import types
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import quantizers
+from ..nn.qat import modules as qat_modules
+from ._common import inference_copy
+
+__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "qdq_form"]
+
+
+def affine_qparams(q: nn.Module) -> Optional[Tuple[Tensor, Tensor, str, int, int, int, int]]:
+    """``(scale, zero_point int32, granularity, axis, group_size, quant_min, quant_max)`` of the
+    affine fake-quantization a quantizer computes now, or None when it is switched off."""
+    if not q.fake_quant_enabled:
+        return None
+    if isinstance(q, quantizers.FakeQuantize):
+        return (q.scale.detach().float(), q.zero_point.detach().to(torch.int32), q.granularity, q.axis, q.group_size,
+                q.quant_min, q.quant_max)
+    if isinstance(q, quantizers.LearnableFakeQuantize):
+        scale = q.scale.detach().float().clamp(min=q.eps)
+        zero_point = torch.round(q.zero_point.detach().float().clamp(q.quant_min, q.quant_max)).to(torch.int32)
+        return scale, zero_point, q.granularity, q.axis, q.group_size, q.quant_min, q.quant_max
+    if isinstance(q, quantizers.PACT):
+        n = 2 ** q.bits - 1 if not q.signed else 2 ** (q.bits - 1) - 1
+        scale = q.alpha.detach().float().clamp(min=q.eps) / n  # one float32 division, as the op
+        return scale, torch.zeros(1, dtype=torch.int32, device=scale.device), "per_tensor", 0, 0, \
+            (0 if not q.signed else -n), n
+    raise TypeError(f"no affine form for the quantizer {type(q).__name__}")
+
+
+def code_dtype(quant_min: int, quant_max: int) -> torch.dtype:
+    """The narrowest integer dtype holding ``[quant_min, quant_max]`` (int8, uint8, int16, int32)."""
+    for dtype in (torch.int8, torch.uint8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= quant_min and quant_max <= info.max:
+            return dtype
+    return torch.int32
+
+
+class FixedQuantize(nn.Module):
+    """Affine fake quantization with fixed qparams (the qatx affine ops)."""
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, granularity: str, axis: int, group_size: int,
+                 quant_min: int, quant_max: int):
+        super().__init__()
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero_point", zero_point.clone())
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.granularity == "per_tensor":
+            return torch.ops.qatx.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
+                                                                  self.quant_max)
+        if self.granularity == "per_channel":
+            return torch.ops.qatx.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis,
+                                                                   self.quant_min, self.quant_max)
+        return torch.ops.qatx.fake_quantize_per_group_affine(x, self.scale, self.zero_point, self.group_size,
+                                                             self.quant_min, self.quant_max)
+
+
+class DequantizedWeight(nn.Module):
+    """A constant weight as integer codes and qparams; ``forward`` ignores its input (the float
+    weight) and returns ``dequantize(codes)`` in the input's dtype."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, zero_point: Tensor, granularity: str, axis: int,
+                 group_size: int, quant_min: int, quant_max: int):
+        super().__init__()
+        dtype = code_dtype(quant_min, quant_max)
+        w = weight.detach()
+        if granularity == "per_tensor":
+            codes = torch.ops.qatx.quantize_per_tensor_affine(w, scale, zero_point, quant_min, quant_max, dtype)
+        elif granularity == "per_channel":
+            codes = torch.ops.qatx.quantize_per_channel_affine(w, scale, zero_point, axis, quant_min, quant_max, dtype)
+        else:
+            codes = torch.ops.qatx.quantize_per_group_affine(w, scale, zero_point, group_size, quant_min, quant_max,
+                                                             dtype)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero_point", zero_point.clone())
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.granularity == "per_tensor":
+            return torch.ops.qatx.dequantize_per_tensor_affine(self.codes, self.scale, self.zero_point, x.dtype)
+        if self.granularity == "per_channel":
+            return torch.ops.qatx.dequantize_per_channel_affine(self.codes, self.scale, self.zero_point, self.axis,
+                                                                x.dtype)
+        return torch.ops.qatx.dequantize_per_group_affine(self.codes, self.scale, self.zero_point, self.group_size,
+                                                          x.dtype)
+
+
+def qdq_form(model: nn.Module, inputs) -> nn.Module:
+    """The QDQ form of ``model`` (an inference copy; see the module docstring). One forward with
+    ``inputs`` records the tensor each weight quantizer sees."""
+    model = inference_copy(model)
+    seen: Dict[int, Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] == "weight_quantizer" and isinstance(mod, quantizers._Toggles):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args: seen.__setitem__(id(m), args[0].detach())))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    replaced: Dict[int, nn.Module] = {}
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(mod, quantizers._Toggles):
+            continue
+        if id(mod) not in replaced:
+            params = affine_qparams(mod)
+            if params is None:
+                replaced[id(mod)] = nn.Identity()
+            elif id(mod) in seen:
+                replaced[id(mod)] = DequantizedWeight(seen[id(mod)], *params)
+            else:
+                replaced[id(mod)] = FixedQuantize(*params)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replaced[id(mod)])
+    for mod in model.modules():
+        # With groups=1 the ConvTranspose weight view [in/g, out, *k] is the weight itself: read the
+        # codes directly (axis 1), without the reshapes and transposes that would sit between
+        # DequantizeLinear and ConvTranspose in the ONNX graph.
+        if isinstance(mod, qat_modules._ConvTranspose) and mod.groups == 1 and \
+                isinstance(mod.weight_quantizer, DequantizedWeight):
+            mod._quantized_weight = types.MethodType(lambda self: self.weight_quantizer(self.weight), mod)
+    return model
