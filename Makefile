@@ -97,7 +97,7 @@ $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST is missing: 'sudo apt-get install dataset-fashion-mnist', or run examples/fashion_mnist.py --data DIR" >&2; exit 1; fi
 
-demo: build $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+demo: build cmake-build $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 	PYTHONPATH=python $(PY) examples/fashion_mnist.py --data $(FASHION_MNIST)
 
 bench: build

@@ -1,17 +1,24 @@
-"""End-to-end example on Fashion-MNIST with the qatx ops: float training, post-training
-fake quantization (W8A8, W4A4), a short quantization-aware fine-tune (W4A4) with the
-straight-through estimator, and the integer weights produced by qatx's quantize op.
+"""qatx end to end on Fashion-MNIST: float32 training, post-training quantization (PTQ),
+quantization-aware training (QAT) started from each calibrated PTQ model, conversion to INT8
+modules, TorchScript export and a run of the exported model from C++.
 
     python examples/fashion_mnist.py [--data DIR] [--epochs N] [--qat-epochs N] [--quick]
+                                     [--device cpu|cuda] [--out DIR] [--cpp-runner PATH]
 
 DIR holds the four IDX files (Debian's dataset-fashion-mnist installs them under
-/usr/share/datasets/fashion-mnist). Prints a results table.
+/usr/share/datasets/fashion-mnist). Prints a results table and writes DIR_OUT/demo.json and
+DIR_OUT/accuracy_vs_bits.png (default DIR_OUT: results/).
 """
 import argparse
+import copy
 import gzip
+import json
 import os
+import platform
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import qatx
+from qatx import QConfig, QuantSpec
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -27,6 +35,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_idx(path):
@@ -53,7 +62,9 @@ def load_fashion_mnist(directory):
                 tensors[key] = read_idx(path)
                 break
         else:
-            sys.exit(f"missing {name}[.gz] in {directory}: install Debian's dataset-fashion-mnist or pass --data DIR")
+            sys.exit(f"missing {name}[.gz] in {directory}: install Debian's dataset-fashion-mnist "
+                     f"(apt-get install dataset-fashion-mnist) or pass --data DIR")
+
     def norm(x):  # Fashion-MNIST's mean and standard deviation
         return ((x.float() / 255.0) - 0.2860) / 0.3530
 
@@ -61,147 +72,286 @@ def load_fashion_mnist(directory):
             norm(tensors["test_images"]).unsqueeze(1), tensors["test_labels"].long())
 
 
-class FakeQuant(nn.Module):
-    """Fake-quantizes weights (symmetric, per output channel, range from the weights) and the
-    layer input (per tensor, range fixed by calibration) with qatx's STE ops."""
+def conv_bn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
-    def __init__(self, layer, w_bits, a_bits):
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
         super().__init__()
-        self.layer = layer
-        self.w_qmax = 2 ** (w_bits - 1) - 1
-        self.a_qmin, self.a_qmax = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
-        self.register_buffer("a_scale", torch.ones(1))
-        self.register_buffer("a_zero_point", torch.zeros(1, dtype=torch.int32))
-        self.calibrating = False
-
-    def weight_qparams(self):
-        w = self.layer.weight.detach()
-        scale = w.abs().flatten(1).amax(1).clamp_min(1e-8) / self.w_qmax
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
+        self.conv1 = conv_bn_relu(channels, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.add = qatx.nn.QuantAdd()  # the residual add gets activation quantizers once prepared
+        self.relu = nn.ReLU()
 
     def forward(self, x):
-        if self.calibrating:  # running max of |x| sets the activation range
-            self.a_scale.copy_(torch.maximum(self.a_scale, x.detach().abs().amax().reshape(1) / self.a_qmax))
-            return self.layer(x)
-        x = qatx.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero_point, self.a_qmin, self.a_qmax)
-        scale, zp = self.weight_qparams()
-        w = qatx.fake_quantize_per_channel_affine(self.layer.weight, scale, zp, 0, -self.w_qmax, self.w_qmax)
-        if isinstance(self.layer, nn.Conv2d):
-            return F.conv2d(x, w, self.layer.bias, self.layer.stride, self.layer.padding)
-        return F.linear(x, w, self.layer.bias)
+        return self.relu(self.add(self.bn2(self.conv2(self.conv1(x))), x))
 
 
-class SmallCNN(nn.Module):
+class SmallResNet(nn.Module):
+    """Conv-BN-ReLU blocks, a residual block, max pooling and a Linear head (~120k parameters)."""
+
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.stem = conv_bn_relu(1, 32)
+        self.pool1 = nn.MaxPool2d(2)
+        self.block = ResidualBlock(32)
+        self.conv3 = conv_bn_relu(32, 64)
+        self.pool2 = nn.MaxPool2d(2)
         self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.relu = nn.ReLU()
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        x = self.pool1(self.stem(x))
+        x = self.pool2(self.conv3(self.block(x)))
+        return self.fc2(self.relu(self.fc1(x.flatten(1))))
 
 
-def quantized_copy(model, w_bits, a_bits):
-    import copy
-    q = copy.deepcopy(model)
-    for name in ("conv1", "conv2", "fc1", "fc2"):
-        setattr(q, name, FakeQuant(getattr(q, name), w_bits, a_bits))
-    return q
+def _spec(bits, **kw):
+    return QuantSpec(bits=bits, **kw)
 
 
-def calibrate(model, images, batch=500):
-    fqs = [m for m in model.modules() if isinstance(m, FakeQuant)]
-    for m in fqs:
-        m.a_scale.fill_(1e-8)
-        m.calibrating = True
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch])
-    for m in fqs:
-        m.calibrating = False
+def ptq_config(w_bits, a_bits, observer="minmax"):
+    """Per-channel symmetric weights, per-tensor asymmetric unsigned activations."""
+    return QConfig(weight=_spec(w_bits, granularity="per_channel"),
+                   activation=_spec(a_bits, signed=False, symmetric=False, observer=observer))
 
 
-def train(model, images, labels, epochs, lr, batch, desc):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def qat_config(w_bits, a_bits, learnable):
+    if learnable is None:  # observed qparams, moving-average activation ranges
+        return QConfig(weight=_spec(w_bits, granularity="per_channel"),
+                       activation=_spec(a_bits, signed=False, symmetric=False, observer="moving_average"))
+    return QConfig(weight=_spec(w_bits, granularity="per_channel", learnable="lsq"),
+                   activation=_spec(a_bits, signed=False, symmetric=learnable == "lsq",
+                                    learnable=learnable))
+
+
+# name, weight bits, activation bits, activation observer
+PTQ_RUNS = [("W8A8", 8, 8, "minmax"), ("W8A8-hist", 8, 8, "histogram"), ("W4A8", 4, 8, "minmax"),
+            ("W4A4", 4, 4, "minmax"), ("W3A3", 3, 3, "minmax")]
+# name, weight bits, activation bits, learnable, the PTQ run it starts from
+QAT_RUNS = [("W8A8", 8, 8, None, "W8A8"), ("W4A4-LSQ", 4, 4, "lsq+", "W4A4"), ("W3A3-LSQ+", 3, 3, "lsq+", "W3A3")]
+
+
+def batches(images, labels, batch, shuffle, device, desc=None):
+    order = torch.randperm(len(images)) if shuffle else torch.arange(len(images))
+    steps = range(0, len(images), batch)
+    for i in tqdm(steps, desc=desc, leave=False, disable=None if desc else True):
+        idx = order[i:i + batch]
+        yield images[idx].to(device), labels[idx].to(device)
+
+
+def train(model, data, epochs, lr, batch, device, desc):
+    xtr, ytr = data
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4 if lr > 5e-4 else 0.0)
+    steps = epochs * ((len(xtr) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(len(images))
-        bar = tqdm(range(0, len(images), batch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=None)  # no bar when the output is not a terminal
-        for i in bar:
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad()
+        for x, y in batches(xtr, ytr, batch, True, device, f"{desc} epoch {epoch + 1}/{epochs}"):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            sched.step()
+    return model.eval()
 
 
 @torch.no_grad()
-def accuracy(model, images, labels, batch=1000):
+def predict(model, images, device, batch=1000):
     model.eval()
-    correct = sum((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
-                  for i in range(0, len(images), batch))
-    return 100.0 * correct / len(images)
+    return torch.cat([model(images[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(images), batch)])
+
+
+def accuracy(model, images, labels, device):
+    return 100.0 * (predict(model, images, device) == labels).float().mean().item()
+
+
+def latency_ms(model, x, repeat=30):
+    """Median wall time of one forward pass (after warm-up)."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fp32 = results["fp32"]["accuracy"]
+    ax.axhline(fp32, color="gray", linestyle="--", label=f"float32 ({fp32:.2f}%)")
+    for method, marker in (("ptq", "o"), ("qat", "s")):
+        runs = [r for r in results["runs"] if r["method"] == method and "hist" not in r["config"]]
+        bits = [r["a_bits"] for r in runs]
+        ax.plot(bits, [r["accuracy"] for r in runs], marker=marker, label=method.upper())
+        for r in runs:
+            ax.annotate(r["config"], (r["a_bits"], r["accuracy"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    ax.set_xlabel("bits (weights and activations)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST: accuracy vs bits, PTQ vs QAT")
+    ax.set_xticks(sorted({r["a_bits"] for r in results["runs"]}))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(results):
+    fp32 = results["fp32"]
+    cols = ["method", "config", "accuracy %", "vs fp32", "int8 acc %", "size KiB", "latency ms", "seconds"]
+    rows = [["float32", "-", f"{fp32['accuracy']:.2f}", "-", "-", f"{fp32['size_bytes'] / 1024:.0f}",
+             f"{fp32['latency_ms']:.2f}", f"{fp32['seconds']:.0f}"]]
+    for r in results["runs"]:
+        rows.append([r["method"].upper(), r["config"], f"{r['accuracy']:.2f}", f"{r['delta_pt']:+.2f}",
+                     "-" if r.get("int8_accuracy") is None else f"{r['int8_accuracy']:.2f}",
+                     "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:.0f}",
+                     "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}", f"{r['seconds']:.0f}"])
+    widths = [max(len(row[i]) for row in [cols] + rows) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [cols] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    print("\n".join(lines))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--qat-epochs", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="10k training images, 1 epoch each")
+    p.add_argument("--epochs", type=int, default=4, help="float32 training epochs")
+    p.add_argument("--qat-epochs", type=int, default=1, help="epochs of each QAT fine-tune")
+    p.add_argument("--quick", action="store_true", help="a 2-minute run on subsets (10k training, 2k test images)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="directory for demo.json and the plot")
+    p.add_argument("--cpp-runner", default=None,
+                   help="the examples/cpp program qatx_run (default: the one built by make test / make demo)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("epochs", "qat_epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
 
     xtr, ytr, xte, yte = load_fashion_mnist(args.data)
+    qat_images = len(xtr)
     if args.quick:
-        xtr, ytr, args.epochs, args.qat_epochs = xtr[:10000], ytr[:10000], 1, 1
+        xtr, ytr, xte, yte = xtr[:10000], ytr[:10000], xte[:2000], yte[:2000]
+        args.epochs, args.qat_epochs, qat_images = 1, 1, 3000
     calib = xtr[torch.randperm(len(xtr))[:1000]]
-    rows = []
+    bench_x = xte[:64]
+    os.makedirs(args.out, exist_ok=True)
 
     t = time.time()
-    model = SmallCNN()
-    train(model, xtr, ytr, args.epochs, 1e-3, 128, "float32")
-    fp32 = accuracy(model, xte, yte)
-    rows.append(("float32", "-", fp32, time.time() - t))
+    model = train(SmallResNet().to(device), (xtr, ytr), args.epochs, 3e-3, 128, device, "float32")
+    fp32_acc = accuracy(model, xte, yte, device)
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    results = {"fp32": {"accuracy": fp32_acc, "seconds": time.time() - t, "size_bytes": qatx.model_size(cpu_model),
+                        "latency_ms": latency_ms(cpu_model, bench_x)},
+               "runs": [], "dataset": {"train": len(xtr), "test": len(xte), "calibration": len(calib)},
+               "environment": {"torch": torch.__version__, "qatx": qatx.__version__, "device": args.device,
+                               "threads": torch.get_num_threads(), "machine": platform.machine()}}
+    print(f"float32: {fp32_acc:.2f}% ({results['fp32']['seconds']:.0f} s)")
 
-    for bits in (8, 4):
+    ptq_models = {}
+    for name, wb, ab, observer in PTQ_RUNS:
         t = time.time()
-        q = quantized_copy(model, bits, bits)
-        calibrate(q, calib)
-        rows.append(("PTQ", f"W{bits}A{bits}", accuracy(q, xte, yte), time.time() - t))
+        ptq = qatx.prepare_ptq(model, ptq_config(wb, ab, observer))
+        qatx.calibrate(ptq, [calib[i:i + 100].to(device) for i in range(0, len(calib), 100)], progress=False)
+        ptq_models[name] = ptq
+        acc = accuracy(ptq, xte, yte, device)
+        results["runs"].append({"method": "ptq", "config": name, "w_bits": wb, "a_bits": ab, "accuracy": acc,
+                                "delta_pt": acc - fp32_acc, "seconds": time.time() - t, "_model": ptq})
+        print(f"PTQ {name}: {acc:.2f}%")
 
-    t = time.time()
-    q4 = quantized_copy(model, 4, 4)
-    calibrate(q4, calib)
-    train(q4, xtr, ytr, args.qat_epochs, 2e-4, 128, "QAT W4A4")
-    rows.append(("QAT", "W4A4", accuracy(q4, xte, yte), time.time() - t))
+    for name, wb, ab, learnable, start in QAT_RUNS:
+        t = time.time()
+        qmodel = qatx.prepare_qat(ptq_models[start], qat_config(wb, ab, learnable)).train()
+        lr = 2e-4 if wb >= 8 else 5e-4
+        sub = torch.randperm(len(xtr))[:qat_images]
+        train(qmodel, (xtr[sub], ytr[sub]), args.qat_epochs, lr, 128, device, f"QAT {name}")
+        qatx.enable_observer(qmodel, False)
+        acc = accuracy(qmodel, xte, yte, device)
+        results["runs"].append({"method": "qat", "config": name, "w_bits": wb, "a_bits": ab, "accuracy": acc,
+                                "delta_pt": acc - fp32_acc, "seconds": time.time() - t, "_model": qmodel})
+        print(f"QAT {name}: {acc:.2f}%")
 
-    # The integer weights of the QAT model, and a check that they dequantize to exactly the
-    # weights the fake-quantized model computed with.
-    fc1 = q4.fc1
-    scale, zp = fc1.weight_qparams()
-    w_int = qatx.quantize_per_channel_affine(fc1.layer.weight.detach(), scale, zp, 0, -7, 7, torch.int8)
-    exact = torch.equal(qatx.dequantize_per_channel_affine(w_int, scale, zp, 0),
-                        qatx.fake_quantize_per_channel_affine(fc1.layer.weight.detach(), scale, zp, 0, -7, 7))
+    agreements = []
+    for run in results["runs"]:
+        qmodel = copy.deepcopy(run.pop("_model")).cpu().eval()
+        int8 = qatx.convert(qmodel)
+        fq_pred, int8_pred = predict(qmodel, xte, "cpu"), predict(int8, xte, "cpu")
+        run["int8_accuracy"] = 100.0 * (int8_pred == yte).float().mean().item()
+        run["int8_agreement"] = 100.0 * (int8_pred == fq_pred).float().mean().item()
+        agreements.append(run["int8_agreement"])
+        run["size_bytes"] = qatx.model_size(int8)
+        run["latency_ms"] = latency_ms(int8, bench_x)
+        run["_int8"] = int8
+    results["int8_agreement"] = min(agreements)
+
+    deploy = next(r for r in results["runs"] if r["method"] == "qat" and r["config"] == "W8A8")
+    results["export"] = export_and_run_cpp(deploy["_int8"], bench_x[:8], args)
+    for run in results["runs"]:
+        run.pop("_int8")
+
+    with open(os.path.join(args.out, "demo.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, os.path.join(args.out, "accuracy_vs_bits.png"))
 
     print(f"\nFashion-MNIST, {len(xtr)} training / {len(xte)} test images, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'method':<8} {'bits':<6} {'accuracy %':>10} {'vs float32':>10} {'seconds':>8}")
-    for method, bits, acc, sec in rows:
-        print(f"{method:<8} {bits:<6} {acc:>10.2f} {acc - fp32:>+10.2f} {sec:>8.1f}")
-    print(f"\nfc1 int4 weights: {tuple(w_int.shape)} in [{w_int.min().item()}, {w_int.max().item()}], "
-          f"dequantize(quantize(w)) == fake_quantize(w): {exact}")
-    return 0 if exact else 1
+          f"{torch.get_num_threads()} threads, device {args.device}; latency: CPU, batch {len(bench_x)}, median")
+    print_table(results)
+    print(f"\nINT8 vs fake-quant top-1 agreement (worst run): {results['int8_agreement']:.2f}%")
+    exp = results["export"]
+    print(f"TorchScript: {exp['path']} ({exp['size_bytes'] / 1024:.0f} KiB); C++ run: {exp['cpp']}")
+    print(f"wrote {os.path.join(args.out, 'demo.json')} and {os.path.join(args.out, 'accuracy_vs_bits.png')}")
+    return 0 if exp["python_reload_equal"] and exp.get("cpp_ok", True) else 1
+
+
+def export_and_run_cpp(int8_model, x, args):
+    """Saves the INT8 model as TorchScript, reloads it in Python, and runs it with the C++
+    example program when it has been built (``make test`` or ``make demo`` builds it)."""
+    path = os.path.join(args.out, "fashion_mnist_int8.pt")
+    qatx.export.torchscript(int8_model, (x,), path)
+    loaded = qatx.export.load_torchscript(path)
+    with torch.no_grad():
+        expected = int8_model(x)
+        reloaded_equal = torch.equal(loaded(x), expected)
+    info = {"path": os.path.relpath(path, ROOT), "size_bytes": os.path.getsize(path), "python_reload_equal": reloaded_equal}
+    runner = args.cpp_runner if getattr(args, "cpp_runner", None) else default_cpp_runner()
+    if runner is None:
+        info["cpp"] = "qatx_run not built (make cmake-build)"
+        return info
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, exp = os.path.join(tmp, "input.pt"), os.path.join(tmp, "expected.pt")
+        torch.save(x, inp)
+        torch.save(expected, exp)
+        out = subprocess.run([runner, path, "--input", inp, "--expected", exp, "--atol", "0"], capture_output=True,
+                             text=True, timeout=300)
+    info["cpp"] = "outputs equal Python's bit for bit" if out.returncode == 0 else \
+        f"failed ({out.returncode}): {(out.stderr or out.stdout)[-500:]}"
+    info["cpp_ok"] = out.returncode == 0
+    return info
+
+
+def default_cpp_runner():
+    path = os.path.join(ROOT, "build", "cmake", "tests", "cpp", "example_cpp", "qatx_run")
+    return path if os.access(path, os.X_OK) else None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """examples/fashion_mnist.py end to end on small synthetic IDX files, and its IDX reader's errors."""
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -33,17 +34,29 @@ def make_dataset(directory, n_train=512, n_test=256):
 
 
 def test_example_runs_end_to_end(tmp_path):
-    make_dataset(tmp_path)
+    data, out_dir = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    make_dataset(data)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "fashion_mnist.py"), "--quick",
-                          "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "dequantize(quantize(w)) == fake_quantize(w): True" in out.stdout
-    rows = {line.split()[0] + line.split()[1]: float(line.split()[2]) for line in out.stdout.splitlines()
-            if line.split() and line.split()[0] in ("float32", "PTQ", "QAT")}
-    assert set(rows) == {"float32-", "PTQW8A8", "PTQW4A4", "QATW4A4"}
-    assert rows["float32-"] > 50.0  # the synthetic classes are easy: training must have worked
-    assert abs(rows["PTQW8A8"] - rows["float32-"]) < 5.0
+                          "--data", str(data), "--out", str(out_dir)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with open(out_dir / "demo.json") as f:
+        results = json.load(f)
+    assert (out_dir / "accuracy_vs_bits.png").stat().st_size > 1000
+    assert results["fp32"]["accuracy"] > 50.0  # the synthetic classes are easy: training must have worked
+    runs = {(r["method"], r["config"]): r for r in results["runs"]}
+    assert set(runs) == {("ptq", c) for c in ("W8A8", "W8A8-hist", "W4A8", "W4A4", "W3A3")} | \
+        {("qat", c) for c in ("W8A8", "W4A4-LSQ", "W3A3-LSQ+")}
+    for r in results["runs"]:
+        assert r["delta_pt"] == pytest.approx(r["accuracy"] - results["fp32"]["accuracy"])
+        assert 0 <= r["int8_accuracy"] <= 100 and r["size_bytes"] > 0 and r["latency_ms"] > 0
+    assert abs(runs["ptq", "W8A8"]["accuracy"] - results["fp32"]["accuracy"]) < 5.0
+    assert results["int8_agreement"] >= 90.0
+    assert runs["ptq", "W8A8"]["size_bytes"] * 3.0 < results["fp32"]["size_bytes"]
+    assert results["export"]["python_reload_equal"] is True
+    assert "method" in out.stdout and "W4A4-LSQ" in out.stdout
 
 
 def test_idx_reader_rejects_truncated_and_foreign_files(tmp_path):
