@@ -133,7 +133,9 @@ class MinMaxObserver(nn.Module):
         return torch.aminmax(groups, dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Records ``x``'s range and returns ``x`` unchanged."""
+        """Records ``x``'s range and returns ``x`` unchanged (an empty ``x`` records nothing)."""
+        if x.numel() == 0:
+            return x
         with torch.no_grad():
             lo, hi = self._reduce(x.detach())
             if self.min_val.numel() == 0 or self.min_val.shape != lo.shape:

@@ -145,6 +145,7 @@ class FakeQuantize(_Toggles):
 
     qparams_stale: bool
     lazy_qparams: bool
+    fusable_observer: bool
 
     def __init__(self, bits: int = 8, signed: bool = True, symmetric: bool = True, narrow_range: bool = False,
                  granularity: str = "per_tensor", axis: int = 0, group_size: int = 0,
@@ -169,6 +170,9 @@ class FakeQuantize(_Toggles):
             raise ValueError(f"observer must be 'minmax', one of {HISTOGRAM_METHODS} or an observer module, "
                              f"got {observer!r}")
         self.lazy_qparams = isinstance(self.observer, HistogramObserver)
+        # Plain attributes, not isinstance checks in forward: TorchScript compiles every branch.
+        self.fusable_observer = isinstance(self.observer, MinMaxObserver)
+        self.observer_averaging_constant = float(self.observer.averaging_constant) if self.fusable_observer else -1.0
         self.qparams_stale = False
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
@@ -203,7 +207,7 @@ class FakeQuantize(_Toggles):
         """Whether the fused observe + fake-quantize op applies: a min/max observer that has seen a
         batch giving qparams of this input's shape (the first batch, or one whose shape changes
         them, goes through the observer, which sets the range shapes and checks the input)."""
-        if not isinstance(self.observer, MinMaxObserver) or self.power_of_two:
+        if not self.fusable_observer or self.power_of_two:
             return False
         min_val = self.observer.min_val
         if min_val.numel() == 0 or x.numel() == 0 or self.scale.shape != min_val.shape:
@@ -224,14 +228,14 @@ class FakeQuantize(_Toggles):
             obs = self.observer
             if self.granularity == "per_tensor":
                 return torch.ops.qatx.observe_fake_quantize_per_tensor_affine(
-                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, obs.averaging_constant,
+                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.observer_averaging_constant,
                     self.quant_min, self.quant_max, self.symmetric)
             if self.granularity == "per_channel":
                 return torch.ops.qatx.observe_fake_quantize_per_channel_affine(
-                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.axis, obs.averaging_constant,
+                    x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.axis, self.observer_averaging_constant,
                     self.quant_min, self.quant_max, self.symmetric)
             return torch.ops.qatx.observe_fake_quantize_per_group_affine(
-                x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.group_size, obs.averaging_constant,
+                x, obs.min_val, obs.max_val, self.scale, self.zero_point, self.group_size, self.observer_averaging_constant,
                 self.quant_min, self.quant_max, self.symmetric)
         if self.observer_enabled:
             self.observer(x)
@@ -340,7 +344,7 @@ class LearnableFakeQuantize(_Toggles):
             raise ValueError(f"eps must be a positive finite float, got {eps!r}")
         shape = list(qparam_shape) if qparam_shape is not None else [num_scales]
         if any(d < 1 for d in shape):
-            raise ValueError(f"the qparam shape must be positive, got {shape}")
+            raise ValueError(f"qparam_shape must be positive (one scale per channel or group), got {shape}")
         if granularity == "per_tensor" and math.prod(shape) != 1:
             raise ValueError(f"a per-tensor quantizer has one scale, got shape {shape}")
         self.quant_min, self.quant_max = quant_range(bits, signed, narrow_range)
@@ -401,7 +405,8 @@ class LearnableFakeQuantize(_Toggles):
         if self.granularity == "per_group":
             return torch.ops.qatx.fake_quantize_lsq_per_group(x, self.scale, self.zero_point, self.group_size,
                                                               self.quant_min, self.quant_max, grad_factor)
-        return torch.ops.qatx.fake_quantize_lsq(x, self.scale, self.zero_point, self.axis, self.quant_min,
+        axis = self.axis if self.granularity == "per_channel" else -1  # one scale: any axis of x will do
+        return torch.ops.qatx.fake_quantize_lsq(x, self.scale, self.zero_point, axis, self.quant_min,
                                                 self.quant_max, grad_factor)
 
     def extra_repr(self) -> str:

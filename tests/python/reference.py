@@ -239,7 +239,9 @@ def lsq_forward_and_grads(x, scale, zero_point, quant_min, quant_max, grad_facto
         gs, gz = term_s.sum(-1), term_z.sum(-1)
     else:
         dims = [d for d in range(x.dim()) if d != axis]
-        gs, gz = term_s.sum(dims).reshape(scale.shape), term_z.sum(dims).reshape(scale.shape)
+        if dims:  # sum(dim=[]) would reduce every dimension
+            term_s, term_z = term_s.sum(dims), term_z.sum(dims)
+        gs, gz = term_s.reshape(scale.shape), term_z.reshape(scale.shape)
     return y, grad_input, (gs * grad_factor).float(), (gz * grad_factor).float()
 
 
