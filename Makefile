@@ -6,6 +6,7 @@
 #   make cuda-compile                compiles the CUDA kernels in a separate venv (torch 2.14.1 + CUDA)
 #   make bench                       benchmarks/ops.py on the CPU
 #   make sanitize                    the C++ tests built and run under ASan + UBSan (build/sanitize)
+#   make sanitize-math               only the torch-free math tests under ASan + UBSan (run by CI)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -30,7 +31,7 @@ CUDA_ARCHS ?= 8.0;9.0
 
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: test pytest ctest build cmake-build venv gtest demo cuda-compile bench clean sanitize
+.PHONY: test pytest ctest build cmake-build venv gtest demo cuda-compile bench clean sanitize sanitize-math
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,15 @@ sanitize: venv gtest
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	$(SANITIZE_ENV) cmake --build $(SANITIZE_BUILD) -j $(JOBS)
 	$(SANITIZE_ENV) ctest --test-dir $(SANITIZE_BUILD) --output-on-failure -j $(JOBS) -LE packaging
+
+# The torch-free math tests (the quantization and histogram math shared by the CPU and CUDA
+# kernels) under ASan + UBSan: quick, so CI runs them; `make sanitize` runs every C++ test.
+sanitize-math: venv gtest
+	cmake -S . -B $(SANITIZE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQATX_SANITIZE=ON \
+	  $$(command -v ccache >/dev/null && echo -DCMAKE_CXX_COMPILER_LAUNCHER=ccache) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build $(SANITIZE_BUILD) -j $(JOBS) --target test_quant_math test_histogram_math
+	$(SANITIZE_ENV) ctest --test-dir $(SANITIZE_BUILD) --output-on-failure -j $(JOBS) -R '^(quant_math|histogram_math)\.'
 
 # Compile-only check of the CUDA kernels (nothing can run them without a GPU). The venv lives
 # outside the clone so repeated runs reuse it.
