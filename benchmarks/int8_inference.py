@@ -20,6 +20,9 @@ Implementations (``impl``):
 * ``fp32``: the float model in eval mode;
 * ``qatx_int8``: the converted INT8 model, eager;
 * ``qatx_int8_script``: ``torch.jit.freeze(torch.jit.script(int8_model))``;
+* ``onnxruntime_qdq`` (CPU, when onnxruntime is installed): ONNX Runtime with all graph
+  optimisations (its QDQ fusion into integer QLinear kernels) on ``qatx.export.onnx`` of the
+  same calibrated QAT model, with as many intra-op threads as torch;
 * more through :func:`register_impl` (for example an ONNX Runtime session on an exported
   model): ``register_impl(name, build)`` with ``build(model_name, float_model, int8_model,
   example_input, device)`` returning ``(run, size_bytes)`` (``run(x)`` computes one batch) or
@@ -73,13 +76,35 @@ def mlp():
 MODELS = {"mlp": (mlp, (1024,)), "cnn": (SmallResNet, (3, 32, 32))}
 
 
-def int8_model(float_model: nn.Module, shape, device) -> nn.Module:
+def calibrated_qat_model(float_model: nn.Module, shape, device) -> nn.Module:
     qat = qatx.prepare_qat(float_model, qatx.presets.W8A8).to(device).train()
     with torch.no_grad():
         for _ in range(8):
             qat(torch.randn(64, *shape, device=device))
     qatx.enable_observer(qat, False)
-    return qatx.convert(qat.eval())
+    return qat.eval()
+
+
+def onnxruntime_session(qat: nn.Module, shape):
+    """(run, size_bytes) of ONNX Runtime (CPU, all graph optimisations, as many threads as torch)
+    on the QDQ export of the QAT model, or None when onnx/onnxruntime are missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        qatx.export.onnx(qat, torch.randn(2, *shape), path, dynamic_batch=True)
+        size = os.path.getsize(path)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        sess = qatx.export.load_onnx(path, session_options=options)
+    name = sess.get_inputs()[0].name
+    return (lambda x: sess.run(None, {name: x.numpy()})), size
 
 
 def scripted(model: nn.Module):
@@ -99,15 +124,20 @@ def timed(fn, x, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def run(device: str, iters: int, warmup: int, models, batches):
+def run(device: str, iters: int, warmup: int, models, batches, skip_onnxruntime: bool = False):
     rows = []
     for name in models:
         make, shape = MODELS[name]
         torch.manual_seed(0)
         fp32 = make().to(device).eval()
-        int8 = int8_model(fp32, shape, device)
+        qat = calibrated_qat_model(fp32, shape, device)
+        int8 = qatx.convert(qat)
         impls = {"fp32": (fp32, qatx.model_size(fp32)), "qatx_int8": (int8, qatx.model_size(int8))}
         impls["qatx_int8_script"] = scripted(int8)
+        if device == "cpu" and not skip_onnxruntime:
+            ort_impl = onnxruntime_session(qat, shape)
+            if ort_impl is not None:
+                impls["onnxruntime_qdq"] = ort_impl
         for impl, build in EXTRA_IMPLS.items():
             built = build(name, fp32, int8, torch.randn(1, *shape, device=device), device)
             if built is not None:
@@ -138,6 +168,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30, help="timed calls per implementation and batch")
     p.add_argument("--quick", action="store_true", help="a few iterations (smoke test)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--no-onnxruntime", action="store_true", help="leave out the ONNX Runtime rows")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -145,7 +176,7 @@ def main(argv=None):
         p.error("--device cuda: no GPU available")
     iters, warmup = (2, 1) if args.quick else (args.iters, 5)
     print(f"torch {torch.__version__}, qatx {qatx.__version__}, {torch.get_num_threads()} threads, {args.device}")
-    rows = run(args.device, iters, warmup, list(MODELS), BATCHES)
+    rows = run(args.device, iters, warmup, list(MODELS), BATCHES, skip_onnxruntime=args.no_onnxruntime)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

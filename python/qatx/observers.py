@@ -116,24 +116,30 @@ class MinMaxObserver(nn.Module):
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
 
+    def _check_input(self, x: Tensor) -> None:
+        # Checked for empty inputs too, so a misconfigured observer fails on its first batch.
+        if self.granularity == "per_channel":
+            if x.dim() == 0 or not -x.dim() <= self.axis < x.dim():
+                raise ValueError(f"axis={self.axis} is out of range for an input with {x.dim()} dimensions")
+        elif self.granularity == "per_group":
+            if x.dim() == 0 or x.shape[-1] % self.group_size != 0:
+                raise ValueError(f"group_size={self.group_size} must divide the last dimension of the input "
+                                 f"(shape {list(x.shape)})")
+
     def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)  # one pass; 0 is in every range
         if self.granularity == "per_tensor":
             lo, hi = torch.aminmax(x)
             return lo.reshape(1), hi.reshape(1)
         if self.granularity == "per_channel":
-            if x.dim() == 0 or not -x.dim() <= self.axis < x.dim():
-                raise ValueError(f"axis={self.axis} is out of range for an input with {x.dim()} dimensions")
             rows = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
             return torch.aminmax(rows, dim=1)
-        if x.dim() == 0 or x.shape[-1] % self.group_size != 0:
-            raise ValueError(f"group_size={self.group_size} must divide the last dimension of the input "
-                             f"(shape {list(x.shape)})")
         groups = x.reshape(list(x.shape[:-1]) + [x.shape[-1] // self.group_size, self.group_size])
         return torch.aminmax(groups, dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Records ``x``'s range and returns ``x`` unchanged (an empty ``x`` records nothing)."""
+        self._check_input(x)
         if x.numel() == 0:
             return x
         with torch.no_grad():

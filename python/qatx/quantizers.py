@@ -194,6 +194,11 @@ class FakeQuantize(_Toggles):
         return self.scale, self.zero_point
 
     @torch.jit.export
+    def grid_scale(self) -> Tensor:
+        """The scale of the grid the last forward rounded to (``[1]`` or one per channel/group)."""
+        return self.scale
+
+    @torch.jit.export
     def enable_observer(self, enabled: bool = True) -> None:
         if not enabled and self.qparams_stale:
             self.update_qparams()
@@ -409,6 +414,11 @@ class LearnableFakeQuantize(_Toggles):
         return torch.ops.qatx.fake_quantize_lsq(x, self.scale, self.zero_point, axis, self.quant_min,
                                                 self.quant_max, grad_factor)
 
+    @torch.jit.export
+    def grid_scale(self) -> Tensor:
+        """The scale of the grid the last forward rounded to (``[1]`` or one per channel/group), detached."""
+        return self.scale.detach()
+
     def extra_repr(self) -> str:
         return _describe(self.bits, self.quant_min, self.quant_max, self.granularity, self.axis, self.group_size,
                          "lsq+" if self.learn_zero_point else "lsq", self.scale, self.fake_quant_enabled,
@@ -444,6 +454,12 @@ class PACT(_Toggles):
         with torch.no_grad():
             self.alpha.clamp_(min=self.eps)
         return torch.ops.qatx.fake_quantize_pact(x, self.alpha, self.bits, self.signed)
+
+    @torch.jit.export
+    def grid_scale(self) -> Tensor:
+        """The scale of the grid the last forward rounded to, ``fl32(alpha / levels)``, detached."""
+        levels = 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+        return self.alpha.detach() / levels
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, alpha={self.alpha.item():.4g}, "

@@ -641,8 +641,6 @@ def spec_kwargs(draw):
             draw(st.sampled_from(["histogram", "mse", "kl", ""]))
         if kw["observer"] not in ("minmax", "moving_average", "histogram", "mse"):
             bad.add("observer")
-        elif kw["observer"] in ("histogram", "mse") and (kw.get("granularity") == "per_group" or kw.get("learnable")):
-            bad.add("observer")  # histogram observers: per tensor or per channel, observed qparams only
     if draw(st.booleans()):
         kw["averaging_constant"] = draw(st.sampled_from([0.01, 0.5, 1.0])) if not maybe(draw, 0.1) else \
             draw(st.sampled_from([0.0, -0.1, 1.5, float("nan"), float("inf"), "0.1"]))
@@ -655,6 +653,8 @@ def spec_kwargs(draw):
         if kw["learnable"] not in (None, "lsq", "lsq+", "pact"):
             bad.add("learnable")
     learnable, symmetric = kw.get("learnable"), kw.get("symmetric", True)
+    if kw.get("observer") in ("histogram", "mse") and (kw["granularity"] == "per_group" or learnable is not None):
+        bad.add("observer")  # histogram observers: per tensor or per channel, observed qparams only
     if isinstance(symmetric, bool) and learnable in ("lsq", "lsq+"):
         if (learnable == "lsq") != symmetric:
             bad |= {"learnable", "symmetric"}

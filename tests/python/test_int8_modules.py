@@ -263,6 +263,42 @@ def test_whole_model_parity_and_top1(kind):
         assert "relu=True" in repr(int8.conv1)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_concurrent_inference_from_four_threads_matches_serial(kind):
+    """One converted model shared by 4 threads (eager and TorchScript), started together on a
+    fresh model so that the first calls also race to build the packed-weight cache."""
+    import threading
+
+    qat_model, batch = _trained(kind)
+    inputs = [batch(16 + 3 * i)[0] for i in range(4)]
+    for script in (False, True):
+        int8 = qatx.convert(qat_model)
+        model = torch.jit.script(int8) if script else int8
+        start = threading.Barrier(4)
+        results, errors = [[] for _ in range(4)], []
+
+        def work(i):
+            try:
+                start.wait()
+                with torch.no_grad():
+                    for r in range(20):
+                        results[i].append(model(inputs[(i + r) % 4]))
+            except BaseException as e:  # reported below, on the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        with torch.no_grad():
+            serial = [qatx.convert(qat_model)(x) for x in inputs]
+        for i in range(4):
+            for r, y in enumerate(results[i]):
+                assert torch.equal(y, serial[(i + r) % 4]), (script, i, r)
+
+
 def test_state_dict_round_trip_scripting_and_size():
     qat_model, batch = _trained("cnn")
     int8 = qatx.convert(qat_model)

@@ -59,7 +59,7 @@ def test_swap_and_exact_numerics(make_float, qat_cls, make_input):
     ref_rows = torch.fake_quantize_per_channel_affine(rows, scale, torch.zeros(len(scale), dtype=torch.int32), 0,
                                                       -128, 127)
     assert torch.equal(_rows_of(layer, wq), ref_rows)
-    # output: the float op on the fake-quantized input and weight
+    # output (training): the float op on the fake-quantized input and weight
     ref_layer = copy.deepcopy(model[0])
     with torch.no_grad():
         ref_layer.weight.copy_(wq)
@@ -67,6 +67,23 @@ def test_swap_and_exact_numerics(make_float, qat_cls, make_input):
     assert torch.equal(y, ref_layer(xq))
     y.float().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    # eval: the bias rounded (half to even, float64) to the int32 grid of s_in * s_w[c], the bias
+    # an INT8 layer adds; gradient straight through to the bias
+    layer.eval()
+    layer.zero_grad()
+    y_eval = layer(x)
+    if getattr(ref_layer, "bias", None) is not None:
+        with torch.no_grad():
+            grid = layer.input_quantizer.scale.double() * scale.double()
+            ref_layer.bias.copy_((torch.round(ref_layer.bias.double() / grid) * grid).float())
+            assert not torch.equal(ref_layer.bias, model[0].bias)  # the rounding is visible at this scale
+    y_ref = ref_layer(xq)
+    assert torch.equal(y_eval, y_ref)
+    if getattr(ref_layer, "bias", None) is not None:
+        ref_layer.zero_grad()
+        y_eval.float().sum().backward()
+        y_ref.float().sum().backward()
+        assert torch.equal(layer.bias.grad, ref_layer.bias.grad)
 
 
 def _rows_of(layer, w):

@@ -9,6 +9,6 @@ __all__ = ["ExportFormatError", "FORMAT_VERSION", "torchscript", "load_torchscri
 from ._program import load_program, program
 
 __all__ += ["program", "load_program"]
-from ._onnx import onnx
+from ._onnx import load_onnx, onnx
 
-__all__ += ["onnx"]
+__all__ += ["onnx", "load_onnx"]

@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._common import check_inputs, check_model, check_save_path, metadata
-from ._qdq import code_dtype, qdq_form
+from ._common import (METADATA_KEY, ExportFormatError, check_inputs, check_load_path, check_metadata, check_model,
+                      check_save_path, metadata)
+from ._qdq import qdq_form
 
-__all__ = ["onnx"]
+__all__ = ["onnx", "load_onnx"]
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 BLOCKED_OPSET = 21  # blocked (per-group) quantization, 16-bit integer types
@@ -119,8 +120,9 @@ def onnx(model: nn.Module, example_inputs, path, opset: int = 21, dynamic_batch:
     Activation quantizers become Q/DQ pairs (per-tensor scalar qparams, per-channel ``axis``);
     weights are stored as integer initializers (int8 for 8-bit and narrower signed ranges) read
     through ``DequantizeLinear`` with the weight's per-channel axis: 0 for Linear and Conv, 1 for
-    ConvTranspose (whose weight is ``[in, out/groups, *k]``). Biases of QAT layers stay float, as
-    the QAT model computes them. See the module docstring for the translation and the rounding
+    ConvTranspose (whose weight is ``[in, out/groups, *k]``). Biases that the QAT layer rounds to
+    the int32 grid of ``s_in * s_w[c]`` are int32 initializers read through ``DequantizeLinear``
+    (axis 0), as the INT8 layer holds them. See the module docstring for the translation and the rounding
     difference from qatx (at most one quantization step, only at float32 rounding ties).
 
     Args:
@@ -160,3 +162,44 @@ def onnx(model: nn.Module, example_inputs, path, opset: int = 21, dynamic_batch:
     entry.key, entry.value = "qatx_metadata.json", json.dumps(metadata("onnx"), sort_keys=True)
     onnx_pkg.save(proto, path)
     return proto
+
+
+def load_onnx(path, providers=None, optimize: bool = True, session_options=None):
+    """Loads a file written by :func:`onnx` into an ``onnxruntime.InferenceSession``.
+
+    The file is parsed and checked (``onnx.checker``) before ONNX Runtime sees it, and its qatx
+    metadata is checked as for the other formats. Raises ``FileNotFoundError`` for a missing
+    file and :class:`qatx.export.ExportFormatError` (a ``ValueError``) for a truncated or corrupt
+    file, an ONNX file without qatx metadata, or one saved by an incompatible qatx version.
+
+    Args:
+        providers: ONNX Runtime execution providers (default ``["CPUExecutionProvider"]``).
+        optimize: ONNX Runtime's graph optimisations (on by default: QDQ pairs around
+            MatMul/Conv become integer QLinear kernels); ``False`` runs the graph node for node.
+        session_options: an ``onnxruntime.SessionOptions`` (threads, ...); ``optimize=False``
+            overrides its graph optimisation level.
+    """
+    path = check_load_path(path)
+    if not isinstance(optimize, bool):
+        raise TypeError(f"optimize must be a bool, got {optimize!r}")
+    try:
+        import onnx as onnx_pkg
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(f"qatx.export.load_onnx needs the packages onnx and onnxruntime ({e}): "
+                          f"pip install onnx onnxruntime") from e
+    try:
+        proto = onnx_pkg.load(path)
+        onnx_pkg.checker.check_model(proto)
+    except Exception as e:  # protobuf's DecodeError, onnx's ValidationError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportFormatError(f"{path}: not a valid ONNX model (truncated or corrupt?): {first}") from None
+    raw = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
+    check_metadata(raw, path, "onnx")
+    options = session_options if session_options is not None else ort.SessionOptions()
+    if not isinstance(options, ort.SessionOptions):
+        raise TypeError(f"session_options must be an onnxruntime.SessionOptions, got {type(options).__name__}")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=list(providers) if providers is not None else ["CPUExecutionProvider"])

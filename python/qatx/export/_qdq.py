@@ -8,7 +8,10 @@
   weight it sees (computed once with the qatx quantize op, so
   ``dequantize(codes) == fake_quantize(weight)`` bit for bit) and ignoring its input, so that
   the float weight (and its BN folding) drops out of the graph and the ONNX file stores
-  integer weight initializers.
+  integer weight initializers;
+* every bias that the QAT layer puts on the int32 grid of ``s_in * s_w`` (input and weight
+  fake-quantized) becomes a :class:`DequantizedBias` of its int32 codes, so the ONNX file
+  holds ``DequantizeLinear(int32 bias, s_in * s_w, axis 0)`` as the INT8 layer does.
 """
 import types
 from typing import Dict, Optional, Tuple
@@ -20,7 +23,7 @@ from .. import quantizers
 from ..nn.qat import modules as qat_modules
 from ._common import inference_copy
 
-__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "qdq_form"]
+__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "DequantizedBias", "qdq_form"]
 
 
 def affine_qparams(q: nn.Module) -> Optional[Tuple[Tensor, Tensor, str, int, int, int, int]]:
@@ -110,6 +113,39 @@ class DequantizedWeight(nn.Module):
                                                           x.dtype)
 
 
+class DequantizedBias(nn.Module):
+    """A QAT layer's bias as the INT8 layer holds it: int32 codes with the per-channel scale
+    ``s_in * s_w[c]`` (float32); ``forward`` ignores its input and returns the dequantized bias."""
+
+    def __init__(self, codes: Tensor, scale: Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int32))
+        self.register_buffer("scale", scale.float().expand(codes.shape).contiguous())
+        self.register_buffer("zero_point", torch.zeros(codes.shape, dtype=torch.int32, device=codes.device))
+
+    def forward(self, bias: Tensor) -> Tensor:
+        return torch.ops.qatx.dequantize_per_channel_affine(self.codes, self.scale, self.zero_point, 0, bias.dtype)
+
+
+def _quantized_biases(model: nn.Module) -> Dict[str, DequantizedBias]:
+    """The bias each QAT layer adds now on its int32 grid, by layer name (layers whose bias stays float are left out)."""
+    from ..nn.qat.fused import _BnFolded
+    from ..nn.qat.modules import bias_codes
+
+    found = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, qat_modules.QATModule):
+            continue
+        bias = mod._folded_bias() if isinstance(mod, _BnFolded) else getattr(mod, "bias", None)
+        iq, wq = mod.input_quantizer, mod.weight_quantizer
+        if bias is None or not (hasattr(iq, "grid_scale") and hasattr(wq, "grid_scale")):
+            continue
+        if iq.fake_quant_enabled and wq.fake_quant_enabled:
+            codes, scale = bias_codes(bias.detach(), iq.grid_scale(), wq.grid_scale())
+            found[name] = DequantizedBias(codes, scale)
+    return found
+
+
 def qdq_form(model: nn.Module, inputs) -> nn.Module:
     """The QDQ form of ``model`` (an inference copy; see the module docstring). One forward with
     ``inputs`` records the tensor each weight quantizer sees."""
@@ -125,6 +161,7 @@ def qdq_form(model: nn.Module, inputs) -> nn.Module:
     finally:
         for h in hooks:
             h.remove()
+    biases = _quantized_biases(model)
     replaced: Dict[int, nn.Module] = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(mod, quantizers._Toggles):
@@ -139,6 +176,11 @@ def qdq_form(model: nn.Module, inputs) -> nn.Module:
                 replaced[id(mod)] = FixedQuantize(*params)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replaced[id(mod)])
+    for name, dequantized in biases.items():
+        # The int32 bias codes replace the bias computation (and, in fused layers, the BN folding).
+        mod = model.get_submodule(name)
+        mod.bias_dequantize = dequantized
+        mod._quantized_bias = types.MethodType(lambda self, bias: self.bias_dequantize(bias), mod)
     for mod in model.modules():
         # With groups=1 the ConvTranspose weight view [in/g, out, *k] is the weight itself: read the
         # codes directly (axis 1), without the reshapes and transposes that would sit between

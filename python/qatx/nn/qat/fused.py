@@ -10,8 +10,10 @@ With :math:`f = \gamma / \sqrt{\sigma^2_{run} + \epsilon}` per output channel:
 
 In training the BN uses the batch statistics (and updates the running ones) exactly as the
 unfused ``conv -> bn`` would; in eval mode, or once the BN statistics are frozen, it uses the
-running statistics, and the output then equals the folded layer
-``conv(q_a(x), q_w(W f)) + (b - \mu_{run}) f + \beta``. :meth:`to_float` returns that folded
+running statistics and computes the folded layer itself,
+``conv(q_a(x), q_w(W f)) + q_b((b - \mu_{run}) f + \beta)``, where in eval mode ``q_b`` puts
+the bias on the int32 grid of the INT8 layer (:func:`qatx.nn.qat.modules.quantize_bias`) while
+input and weight are fake-quantized (in training it is the identity). :meth:`to_float` returns that folded
 float layer (``nn.Sequential(layer, nn.ReLU())`` for the ReLU variants).
 
 Freezing the BN statistics: :meth:`freeze_bn_stats` (or :func:`qatx.freeze_bn_stats` on a
@@ -78,46 +80,60 @@ class _BnFolded:
     def _float_weight(self) -> Tensor:
         return self.weight * self._fold_factor().reshape([-1] + [1] * (self.weight.dim() - 1))
 
+    def _folded_bias(self) -> Tensor:
+        """``(b - mu_run) f + beta``: the bias of the folded layer."""
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
+        return (bias - self.bn.running_mean) * self._fold_factor() + self.bn.bias
+
+    def _batch_statistics(self) -> bool:
+        """Whether this forward normalises with the batch statistics (training, BN not frozen);
+        counts the batches for ``freeze_bn_after``."""
+        if not self.training:
+            return False
+        if not self.bn_frozen and self.freeze_bn_after >= 0:
+            if self._bn_batches < 0:
+                self._bn_batches = int(self.bn.num_batches_tracked)  # one host read, then counted below
+            if self._bn_batches >= self.freeze_bn_after:
+                self.bn_frozen = True
+        return not self.bn_frozen
+
     def forward(self, input: Tensor) -> Tensor:
-        y = self._apply_weight(self.input_quantizer(input), self._quantized_weight(), None)
-        c_shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y * torch.reciprocal(self._fold_factor()).reshape(c_shape)  # a product: cheaper to differentiate than y / f
-        if self.bias is not None:
-            y = y + self.bias.reshape(c_shape)
-        y = self._batch_norm(y)
+        x = self.input_quantizer(input)
+        weight = self._quantized_weight()
+        if self._batch_statistics():
+            y = self._apply_weight(x, weight, None)
+            c_shape = [1, -1] + [1] * (y.dim() - 2)
+            y = y * torch.reciprocal(self._fold_factor()).reshape(c_shape)  # a product: cheaper to differentiate than y / f
+            if self.bias is not None:
+                y = y + self.bias.reshape(c_shape)
+            y = self._batch_norm_update(y)
+        else:
+            # Running statistics: the folded layer itself, its bias on the INT8 layer's int32 grid.
+            y = self._apply_weight(x, weight, self._quantized_bias(self._folded_bias()))
         if self.with_relu:
             y = F.relu(y)
         return y
 
-    def _batch_norm(self, y: Tensor) -> Tensor:
+    def _batch_norm_update(self, y: Tensor) -> Tensor:
+        # nn.BatchNorm's training step, but the running statistics are updated in copies that
+        # then replace the buffers: the forward read running_var for the fold factor, and a
+        # torch.compile backward may re-read it; an in-place update would change what it reads.
         bn = self.bn
-        if self.training and not self.bn_frozen and self.freeze_bn_after >= 0:
-            if self._bn_batches < 0:
-                self._bn_batches = int(bn.num_batches_tracked)  # one host read, then counted below
-            if self._bn_batches >= self.freeze_bn_after:
-                self.bn_frozen = True
-        if self.training and not self.bn_frozen:
-            # nn.BatchNorm's training step, but the running statistics are updated in copies that
-            # then replace the buffers: the forward read running_var for the fold factor, and a
-            # torch.compile backward may re-read it; an in-place update would change what it reads.
-            bn.num_batches_tracked.add_(1)
-            if self._bn_batches >= 0:
-                self._bn_batches += 1
-            momentum = bn.momentum
-            factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
-            running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
-            out = F.batch_norm(y, running_mean, running_var, bn.weight, bn.bias, True, factor, bn.eps)
-            bn.running_mean, bn.running_var = running_mean, running_var
-            return out
-        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        bn.num_batches_tracked.add_(1)
+        if self._bn_batches >= 0:
+            self._bn_batches += 1
+        momentum = bn.momentum
+        factor = 1.0 / float(bn.num_batches_tracked) if momentum is None else momentum
+        running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+        out = F.batch_norm(y, running_mean, running_var, bn.weight, bn.bias, True, factor, bn.eps)
+        bn.running_mean, bn.running_var = running_mean, running_var
+        return out
 
     def to_float(self) -> nn.Module:
         """The float layer with BN folded in exactly (running statistics)."""
         with torch.no_grad():
-            f = self._fold_factor()
             weight = self._float_weight()
-            bias = self.bias if self.bias is not None else torch.zeros_like(f)
-            bias = (bias - self.bn.running_mean) * f + self.bn.bias
+            bias = self._folded_bias()
         layer = self._make_float(nn.Parameter(weight), nn.Parameter(bias))
         return nn.Sequential(layer, nn.ReLU()) if self.with_relu else layer
 

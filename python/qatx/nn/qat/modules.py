@@ -13,7 +13,7 @@ weight is viewed as ``[in/groups, out, *k]`` (output channel ``g*out/groups + j`
 for any ``groups``. Per-group weight quantization (groups along the last dimension) is for
 Linear and Embedding weights; Conv weights refuse it.
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,25 @@ from torch import Tensor, nn
 
 from ...config import QConfig
 
-__all__ = ["QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+__all__ = ["quantize_bias", "bias_codes", "QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
            "ConvTranspose3d", "Embedding"]
+
+
+def bias_codes(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """The bias on the int32 grid of an INT8 layer: ``(codes, scale)`` in float64 with
+    ``scale[c] = s_in * s_w[c]`` (``s_w[c, 0]`` for per-group weights) and
+    ``codes = clamp(round_half_even(bias / scale), -2^31, 2^31 - 1)``."""
+    s_w = weight_scale[:, 0] if weight_scale.dim() == 2 else weight_scale
+    scale = input_scale.detach().double().reshape(-1)[0] * s_w.detach().double().reshape(-1)
+    codes = torch.round(bias.detach().double() / scale).clamp(-2147483648.0, 2147483647.0)
+    return codes, scale
+
+
+def quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """``codes * scale`` of :func:`bias_codes` in the bias dtype: the bias the INT8 layer adds.
+    Gradient: straight-through to ``bias`` (none to the scales)."""
+    codes, scale = bias_codes(bias, input_scale, weight_scale)
+    return (codes * scale).to(bias.dtype) + (bias - bias.detach())
 
 
 class QATModule:
@@ -64,6 +81,20 @@ class QATModule:
     def _quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self._float_weight())
 
+    def _quantized_bias(self, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """In eval mode, the bias as the INT8 layer adds it: on the int32 grid of ``s_in * s_w``
+        (:func:`quantize_bias`) while the input and the weight are fake-quantized; else the bias
+        itself. Training keeps the float bias: the rounding (at most half an accumulator step)
+        is far below the weight and activation quantization noise, and skipping it keeps the
+        training step free of its small ops. Call it after both quantizers have run, so that it
+        sees their current scales."""
+        if bias is None or self.training:
+            return bias
+        if hasattr(self.input_quantizer, "grid_scale") and hasattr(self.weight_quantizer, "grid_scale"):
+            if self.input_quantizer.fake_quant_enabled and self.weight_quantizer.fake_quant_enabled:
+                return quantize_bias(bias, self.input_quantizer.grid_scale(), self.weight_quantizer.grid_scale())
+        return bias
+
     @classmethod
     def _float_kwargs(cls, mod: nn.Module) -> Dict[str, Any]:
         raise NotImplementedError
@@ -96,7 +127,9 @@ class QATModule:
         return self._make_float(self.weight, getattr(self, "bias", None))
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._apply_weight(self.input_quantizer(input), self._quantized_weight(), self.bias)
+        x = self.input_quantizer(input)
+        weight = self._quantized_weight()
+        return self._apply_weight(x, weight, self._quantized_bias(self.bias))
 
     def extra_repr(self) -> str:
         act = self.qconfig.activation if self._QUANTIZE_INPUT else None
@@ -168,8 +201,10 @@ class _ConvTranspose(QATModule):
         """Batched input only (``[N, C, *spatial]``)."""
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               len(self.kernel_size), self.dilation)
-        return torch.convolution(self.input_quantizer(input), self._quantized_weight(), self.bias, self.stride,
-                                 self.padding, self.dilation, True, output_padding, self.groups)
+        x = self.input_quantizer(input)
+        weight = self._quantized_weight()
+        return torch.convolution(x, weight, self._quantized_bias(self.bias), self.stride, self.padding, self.dilation,
+                                 True, output_padding, self.groups)
 
 
 class ConvTranspose1d(_ConvTranspose, nn.ConvTranspose1d):

@@ -14,9 +14,11 @@ epilogue:
 .. math::
 
     y_c = s_{in}\, s_w[c]\, \Big(\sum_k (q_k - z_{in})(w_{ck} - z_w[c]) + b_c\Big),
-    \qquad b_c = \mathrm{clamp}\big(\mathrm{round}(\mathrm{bias}_c / (s_{in} s_w[c])),\ -2^{31},\ 2^{31}-1\big),
+    \qquad b_c = \mathrm{clamp}\big(\mathrm{rint}(\mathrm{bias}_c / (s_{in} s_w[c])),\ -2^{31},\ 2^{31}-1\big),
 
-with the ReLU of a fused ConvBnReLU applied in the same pass (``qatx::linear_int8`` and
+(``rint``: half to even, in float64), the bias the QAT layer itself adds while its input and
+weight are fake-quantized, so the two models differ only by float rounding; with the ReLU of a
+fused ConvBnReLU applied in the same pass (``qatx::linear_int8`` and
 ``qatx::convolution_int8``, docs/ops.md).
 
 State: plain tensors registered as buffers (``weight`` int8, or uint8 holding two 4-bit values
@@ -119,12 +121,11 @@ def _check_calibrated(mod: nn.Module, name: str) -> None:
 
 
 def _int_bias(bias: Optional[Tensor], s_in: Tensor, s_w: Tensor) -> Optional[Tensor]:
-    """round(bias / (s_in * s_w[c])) in float64, saturated to int32 (half away from zero)."""
+    """The int32 bias codes, as the QAT layer rounds its bias (``qatx.nn.qat.modules.bias_codes``)."""
     if bias is None:
         return None
-    s = s_in.double().reshape(()) * s_w.double().reshape(-1)
-    b = torch.round(bias.detach().double() / s)
-    return b.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32)
+    from ..qat.modules import bias_codes
+    return bias_codes(bias, s_in, s_w)[0].to(torch.int32)
 
 
 def _describe_weight(bits: int, scale: Tensor) -> str:
@@ -222,10 +223,7 @@ def _folded(qat: nn.Module):
     from ..qat.fused import _BnFolded
     if isinstance(qat, _BnFolded):
         with torch.no_grad():
-            f = qat._fold_factor()
-            bias = qat.bias if qat.bias is not None else torch.zeros_like(f)
-            bias = (bias - qat.bn.running_mean) * f + qat.bn.bias
-            return qat._float_weight().detach(), bias.detach(), bool(qat.with_relu)
+            return qat._float_weight().detach(), qat._folded_bias().detach(), bool(qat.with_relu)
     return qat.weight.detach(), None if qat.bias is None else qat.bias.detach(), False
 
 
