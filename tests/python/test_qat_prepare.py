@@ -81,6 +81,56 @@ def _symmetric_qparams(w):
     return scale, torch.zeros(w.shape[0], dtype=torch.int32)
 
 
+def _scale_channels_fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.ops.qatx._scale_channels(a, b)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 6, 5), (2, 6, 4, 4), (2, 6, 2, 3, 3)])
+def test_scale_channels_op(shape):
+    """qatx::_scale_channels: input * scale along dim 1; the gradients of aten::mul, with the
+    scale's gradient formed from the saved output (grad_scale = sum(g * out / s))."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    s = (torch.rand(shape[1], generator=gen) + 0.5).requires_grad_()
+    g = torch.randn(shape, generator=gen)
+    y = torch.ops.qatx._scale_channels(x, s)
+    view = [1, -1] + [1] * (len(shape) - 2)
+    x_ref, s_ref = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    y_ref = x_ref * s_ref.reshape(view)
+    assert torch.equal(y, y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.jit.script(_scale_channels_fn)(x.detach(), s.detach()), y.detach())
+    with pytest.raises(RuntimeError, match="scale must be 1-D with input.size"):
+        torch.ops.qatx._scale_channels(x, torch.ones(shape[1] + 1))
+    with pytest.raises(RuntimeError, match="input must have at least 2 dimensions"):
+        torch.ops.qatx._scale_channels(torch.ones(3), torch.ones(3))
+
+
+def test_fused_training_step_keeps_less_for_backward():
+    """A Conv-BN-ReLU training step keeps no float copy of the conv output (the un-scaling keeps
+    the batch norm's input) nor of the ReLU output (a bool mask)."""
+    torch.manual_seed(0)
+    model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+                             presets.W8A8)
+    x = torch.randn(4, 3, 10, 10)
+    packed = []
+
+    def pack(t):
+        packed.append((t.dtype, t.numel(), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    big = {ptr for dtype, n, ptr in packed if dtype == torch.float32 and n == y.numel()}
+    assert len(big) == 1, packed  # the batch norm's input, shared by the un-scaling
+    assert any(dtype == torch.bool and n == y.numel() for dtype, n, _ in packed)  # the ReLU mask
+    y.sum().backward()
+    assert model[0].bn.weight.grad is not None and model[0].weight.grad is not None
+
+
 def test_freeze_bn_after_steps_and_explicit_freeze():
     torch.manual_seed(1)
     model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), presets.W8A8, freeze_bn_after=2)

@@ -60,6 +60,10 @@ TORCH_LIBRARY(qatx, m) {
   m.def("observe_fake_quantize_per_group_affine(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> Tensor");
   // The observing half: per-group when group_size > 0, else per-channel along axis, else per-tensor.
   m.def("_observe_min_max(Tensor input, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) scale, Tensor(d!) zero_point, int? axis, int group_size, float averaging_constant, int quant_min, int quant_max, bool symmetric) -> ()");
+  // --- BN-folded QAT layers. ---
+  // input * scale along dim 1 (scale: [input.size(1)]); the autograd node keeps the output, not
+  // the input: grad_scale[c] = sum(grad_output * output / scale[c]) over all dims but 1.
+  m.def("_scale_channels(Tensor input, Tensor scale) -> Tensor");
   // --- INT8 inference: float in, float out; integer arithmetic inside. ---
   // Input quantized per tensor, q = clamp(rint(x * (1/s_in)) + z_in, quant_min, quant_max) (as the
   // fake-quantize forward), int8 weight w with per-tensor/-channel (/-group for linear) scale and
