@@ -191,17 +191,27 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     fp32 = results["fp32"]["accuracy"]
     ax.axhline(fp32, color="gray", linestyle="--", label=f"float32 ({fp32:.2f}%)")
-    for method, marker in (("ptq", "o"), ("qat", "s")):
-        runs = [r for r in results["runs"] if r["method"] == method and "hist" not in r["config"]]
-        bits = [r["a_bits"] for r in runs]
-        ax.plot(bits, [r["accuracy"] for r in runs], marker=marker, label=method.upper())
+    for method, marker, color in (("ptq", "o", "C0"), ("qat", "s", "C1")):
+        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["w_bits"])
+        # The line joins the WnAn runs; the others (W4A8, the histogram-calibrated W8A8) stand alone.
+        line = [r for r in runs if r["w_bits"] == r["a_bits"] and "hist" not in r["config"]]
+        ax.plot([r["w_bits"] for r in line], [r["accuracy"] for r in line], marker=marker, color=color,
+                label=method.upper())
+        top = max(r["w_bits"] for r in results["runs"])
         for r in runs:
-            ax.annotate(r["config"], (r["a_bits"], r["accuracy"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7)
-    ax.set_xlabel("bits (weights and activations)")
+            if r not in line:
+                ax.plot([r["w_bits"]], [r["accuracy"]], marker=marker, color=color, fillstyle="none", linestyle="")
+            # QAT labels above, PTQ labels below; at the right edge they go to the left of the point.
+            left = r["w_bits"] == top
+            dy = 4 if method == "qat" else -10
+            if r not in line:
+                dy = -18 if left else 4
+            ax.annotate(r["config"], (r["w_bits"], r["accuracy"]), textcoords="offset points", fontsize=7,
+                        xytext=(-5 if left else 5, dy), ha="right" if left else "left", color=color)
+    ax.set_xlabel("weight bits (activation bits as the label says)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST: accuracy vs bits, PTQ vs QAT")
-    ax.set_xticks(sorted({r["a_bits"] for r in results["runs"]}))
+    ax.set_xticks(sorted({r["w_bits"] for r in results["runs"]}))
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
