@@ -131,8 +131,11 @@ def qat_config(w_bits, a_bits, learnable):
 # name, weight bits, activation bits, activation observer
 PTQ_RUNS = [("W8A8", 8, 8, "minmax"), ("W8A8-hist", 8, 8, "histogram"), ("W4A8", 4, 8, "minmax"),
             ("W4A4", 4, 4, "minmax"), ("W3A3", 3, 3, "minmax")]
-# name, weight bits, activation bits, learnable, the PTQ run it starts from
-QAT_RUNS = [("W8A8", 8, 8, None, "W8A8"), ("W4A4-LSQ", 4, 4, "lsq+", "W4A4"), ("W3A3-LSQ+", 3, 3, "lsq+", "W3A3")]
+# name, weight bits, activation bits, learnable, the PTQ run it starts from, peak learning rate.
+# QAT fine-tunes the trained model with the BN statistics frozen (freeze_bn_after=0): W4A4 reached
+# 92.66% after one epoch at 1e-3, against 92.33% with batch statistics (92.23% at 5e-4).
+QAT_RUNS = [("W8A8", 8, 8, None, "W8A8", 2e-4), ("W4A4-LSQ", 4, 4, "lsq+", "W4A4", 1e-3),
+            ("W3A3-LSQ+", 3, 3, "lsq+", "W3A3", 5e-4)]
 
 
 def batches(images, labels, batch, shuffle, device, desc=None):
@@ -289,10 +292,9 @@ def main(argv=None):
                                 "delta_pt": acc - fp32_acc, "seconds": time.time() - t, "_model": ptq})
         print(f"PTQ {name}: {acc:.2f}%")
 
-    for name, wb, ab, learnable, start in QAT_RUNS:
+    for name, wb, ab, learnable, start, lr in QAT_RUNS:
         t = time.time()
-        qmodel = qatx.prepare_qat(ptq_models[start], qat_config(wb, ab, learnable)).train()
-        lr = 2e-4 if wb >= 8 else 5e-4
+        qmodel = qatx.prepare_qat(ptq_models[start], qat_config(wb, ab, learnable), freeze_bn_after=0).train()
         sub = torch.randperm(len(xtr))[:qat_images]
         train(qmodel, (xtr[sub], ytr[sub]), args.qat_epochs, lr, 128, device, f"QAT {name}")
         qatx.enable_observer(qmodel, False)

@@ -185,7 +185,7 @@ def prepare_qat(model: nn.Module, qconfig: QConfig, *, overrides: Optional[Dict[
             continue
         if id(mod) not in swapped:
             if prepared:
-                swapped[id(mod)] = _reprepare(mod, qc, device)
+                swapped[id(mod)] = _reprepare(mod, qc, device, freeze_bn_after)
             else:
                 swapped[id(mod)] = QAT_MODULES[type(mod)].from_float(mod, qc) if type(mod) in QAT_MODULES else \
                     type(mod).from_float(mod, qc, device=device)
@@ -195,11 +195,12 @@ def prepare_qat(model: nn.Module, qconfig: QConfig, *, overrides: Optional[Dict[
     return model
 
 
-def _reprepare(mod: nn.Module, qc: Optional[QConfig], device: torch.device) -> nn.Module:
+def _reprepare(mod: nn.Module, qc: Optional[QConfig], device: torch.device, freeze_bn_after: int = -1) -> nn.Module:
     """An already prepared module (e.g. from a calibrated PTQ model) under config ``qc``: kept
     with its quantizers when ``qc`` is its config, given new quantizers that start from the old
     ones' ranges (:func:`qatx.ptq.transfer_qparams`) when it differs, made float when ``qc`` is None.
-    Observation and fake quantization are turned on, as in a freshly prepared model."""
+    Observation and fake quantization are turned on, as in a freshly prepared model; a fused
+    layer takes ``freeze_bn_after`` when it is given (>= 0)."""
     if qc is None:
         return mod.to_float()
     names = [n for n, child in mod.named_children() if isinstance(child, quantizers._Toggles)]
@@ -215,6 +216,9 @@ def _reprepare(mod: nn.Module, qc: Optional[QConfig], device: torch.device) -> n
         if isinstance(q, quantizers._Toggles):
             q.enable_observer(True)
             q.enable_fake_quant(True)
+    if freeze_bn_after >= 0 and hasattr(mod, "freeze_bn_after"):
+        mod.freeze_bn_after = int(freeze_bn_after)
+        mod._bn_batches = -1  # read bn.num_batches_tracked again at the next training step
     return mod
 
 

@@ -142,6 +142,15 @@ def test_freeze_bn_after_steps_and_explicit_freeze():
     model(x * 3)
     assert model[0].bn_frozen and torch.equal(model[0].bn.running_var, frozen_var)
     assert "freeze_bn_after=2" in repr(model[0]) and "bn_frozen=True" in repr(model[0])
+    # A prepared (e.g. calibrated PTQ) model takes freeze_bn_after too: its BN has tracked 3 batches.
+    again = qatx.prepare_qat(qatx.prepare_ptq(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), presets.W8A8),
+                             presets.W8A8, freeze_bn_after=4)
+    again[0].bn.num_batches_tracked.fill_(3)
+    again.train()
+    again(x)
+    assert not again[0].bn_frozen and again[0].freeze_bn_after == 4
+    again(x)
+    assert again[0].bn_frozen
     other = qatx.prepare_qat(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), presets.W8A8)
     qatx.freeze_bn_stats(other)
     before = other[0].bn.running_mean.clone()
