@@ -14,6 +14,10 @@ The recipe (``examples/ddp_qat.py``)::
     ddp = DDP(model)              # broadcasts rank 0's parameters and buffers: all ranks equal
     ... train ...
     qatx.sync_observers(model)    # global ranges before saving or converting
+
+FSDP2 works the same way with ``fully_shard`` on every QAT layer and on the root in place of
+``DDP``; FSDP does not broadcast buffers, so the observers see each rank's data until
+``sync_observers`` (``examples/ddp_qat.py --fsdp``).
 """
 import torch
 import torch.distributed as dist

@@ -94,6 +94,18 @@ REPORT_COLUMNS = ["module", "type", "weight_bits", "weight_granularity", "weight
                   "input_observed"]
 
 
+def _check_not_sharded(model: nn.Module, what: str) -> None:
+    """A clear error for parameters that are shards (FSDP2 DTensors) rather than whole tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(f"qatx.{what}: the model's parameters are sharded ({sharded[0]} is a DTensor, e.g. after "
+                         f"FSDP's fully_shard); call model.unshard() on every rank first (and model.reshard() after)")
+
+
 @torch.no_grad()
 def report(model: nn.Module) -> Table:
     """One row per quantized module (QAT layers and op modules), in model order.
@@ -103,7 +115,9 @@ def report(model: nn.Module) -> Table:
     ``weight_sqnr_db``; for the input activation (the first operand for op modules):
     ``input_bits``, ``input_granularity``, ``input_scale``, ``input_zero_point`` and
     ``input_observed`` (the observed range). ``None`` where not quantized or not calibrated yet
-    (qparams are set by the first forward)."""
+    (qparams are set by the first forward). A model sharded with FSDP2 must be unsharded first
+    (``model.unshard()`` on every rank)."""
+    _check_not_sharded(model, "report")
     rows = []
     for name, mod in _quantized_layers(model):
         row: Dict[str, Any] = dict.fromkeys(REPORT_COLUMNS)

@@ -1,5 +1,5 @@
-"""DDP training of a prepared model: 2 CPU ranks (gloo) train a few steps on different data and
-end with identical weights, learnable scales, observer ranges and qparams."""
+"""DDP and FSDP2 training of a prepared model: 2 CPU ranks (gloo) train a few steps on different
+data and end with identical weights, learnable scales, observer ranges and qparams."""
 import os
 import subprocess
 import sys
@@ -18,11 +18,11 @@ import ddp_qat  # noqa: E402  (examples/ddp_qat.py: the recipe under test)
 TIMEOUT_S = 180
 
 
-def _worker(rank, world_size, store, config, save_dir):
+def _worker(rank, world_size, store, config, save_dir, fsdp=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        ddp_qat.train(rank, world_size, steps=4, config=config, save_dir=save_dir)
+        ddp_qat.train(rank, world_size, steps=4, config=config, save_dir=save_dir, fsdp=fsdp)
     finally:
         dist.destroy_process_group()
 
@@ -42,8 +42,9 @@ def _check_identical(save_dir):
     return compared
 
 
-def test_ddp_two_ranks_stay_identical(tmp_path):
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), "W4A4_LSQ", str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_ddp_two_ranks_stay_identical(tmp_path, fsdp):
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), "W4A4_LSQ", str(tmp_path), fsdp), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
