@@ -418,6 +418,38 @@ def test_onnx_weights_are_integer_initializers_with_per_channel_axes(tmp_path):
     assert float_weights == []
 
 
+@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4_LSQ"])
+def test_onnx_of_a_converted_int8_model(tmp_path, name):
+    """qatx.export.onnx of qatx.convert's result: the INT8 layers in QDQ form, the same integer
+    weights and int32 biases; ONNX Runtime agrees with the INT8 model."""
+    x = torch.randn(4, 3, 8, 8)
+    q = trained(SmallCNN(), CONFIGS[name], x).eval()
+    int8 = qatx.convert(qatx.export._common.inference_copy(q))
+    proto = qatx.export.onnx(int8, x, tmp_path / "int8.onnx", dynamic_batch=True)
+    for b in (4, 7):
+        xb = torch.randn(b, 3, 8, 8)
+        with torch.no_grad():
+            expected = int8(xb)
+        assert_onnx_close(run_onnx(tmp_path / "int8.onnx", xb)[0], expected)
+    inits = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in proto.graph.initializer}
+    by_output = producers(proto)
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert len(convs) == 3
+    codes = [inits[by_output[n.input[1]].input[0]] for n in convs]
+    biases = [inits[by_output[n.input[2]].input[0]] for n in convs]
+    for layer, w, b in zip((int8.stem[0], int8.conv, int8.up), codes, biases):
+        assert torch.equal(w, layer.conv_weight()) and torch.equal(b, layer.bias)
+    # A weight-only (per-group) Linear: float input and bias, blocked DequantizeLinear weights.
+    xm = torch.randn(8, 32)
+    mlp_int8 = qatx.convert(trained(mlp(), presets.W4_WEIGHT_ONLY, xm).eval())
+    qatx.export.onnx(mlp_int8, xm, tmp_path / "wo.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(run_onnx(tmp_path / "wo.onnx", xm)[0], mlp_int8(xm), atol=ONNX_ATOL, rtol=ONNX_RTOL)
+    grouped = qatx.convert(trained(SmallCNN(transpose_groups=2), presets.W8A8, x).eval())
+    with pytest.raises(ValueError, match="grouped ConvTranspose"):
+        qatx.export.onnx(grouped, x, tmp_path / "g.onnx")
+
+
 def test_onnx_grouped_conv_transpose_and_mlp(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     q = trained(SmallCNN(transpose_groups=2), presets.W8A8, x).eval()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ._common import (METADATA_KEY, ExportFormatError, check_inputs, check_load_path, check_metadata, check_model,
                       check_save_path, metadata)
-from ._qdq import qdq_form
+from ._qdq import int8_qdq_form, qdq_form
 
 __all__ = ["onnx", "load_onnx"]
 
@@ -114,8 +114,13 @@ def _translations(opset: int):
 
 def onnx(model: nn.Module, example_inputs, path, opset: int = 21, dynamic_batch: bool = False,
          input_names=None, output_names=None):
-    """Exports ``model`` (a float, prepared QAT, or partly quantized model) to an ONNX file at
-    ``path`` with QuantizeLinear/DequantizeLinear pairs; returns the ``onnx.ModelProto``.
+    """Exports ``model`` (a float, prepared QAT, partly quantized, or converted INT8 model) to an
+    ONNX file at ``path`` with QuantizeLinear/DequantizeLinear pairs; returns the ``onnx.ModelProto``.
+
+    A converted model's INT8 layers are written in QDQ form (:class:`qatx.export._qdq.QDQLayer`):
+    their input qparams as a Q/DQ pair, their integer weights and int32 biases as initializers,
+    the same file the QAT model it came from exports to (a grouped ConvTranspose with per-channel
+    weights has no per-axis form there: export the QAT model).
 
     Activation quantizers become Q/DQ pairs (per-tensor scalar qparams, per-channel ``axis``);
     weights are stored as integer initializers (int8 for 8-bit and narrower signed ranges) read
@@ -145,7 +150,7 @@ def onnx(model: nn.Module, example_inputs, path, opset: int = 21, dynamic_batch:
     except ImportError as e:
         raise ImportError(f"qatx.export.onnx needs the packages onnx and onnxscript ({e}): pip install onnx onnxscript") \
             from e
-    qdq = qdq_form(model, inputs)
+    qdq = qdq_form(int8_qdq_form(model), inputs)
     grouped = [n for n, m in qdq.named_modules() if getattr(m, "granularity", None) == "per_group"]
     if grouped and opset < BLOCKED_OPSET:
         raise ValueError(f"per-group quantization ({', '.join(grouped[:3])}) is ONNX blocked quantization: "

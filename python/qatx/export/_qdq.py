@@ -13,17 +13,19 @@
   fake-quantized) becomes a :class:`DequantizedBias` of its int32 codes, so the ONNX file
   holds ``DequantizeLinear(int32 bias, s_in * s_w, axis 0)`` as the INT8 layer does.
 """
+import copy
 import types
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import quantizers
 from ..nn.qat import modules as qat_modules
 from ._common import inference_copy
 
-__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "DequantizedBias", "qdq_form"]
+__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "DequantizedBias", "QDQLayer", "int8_qdq_form", "qdq_form"]
 
 
 def affine_qparams(q: nn.Module) -> Optional[Tuple[Tensor, Tensor, str, int, int, int, int]]:
@@ -103,6 +105,18 @@ class DequantizedWeight(nn.Module):
         self.axis = axis
         self.group_size = group_size
 
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero_point: Tensor, granularity: str, axis: int,
+                   group_size: int) -> "DequantizedWeight":
+        """From integer codes as they are (an INT8 layer's weight)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.register_buffer("codes", codes.clone())
+        new.register_buffer("scale", scale.clone())
+        new.register_buffer("zero_point", zero_point.clone())
+        new.granularity, new.axis, new.group_size = granularity, axis, group_size
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
         if self.granularity == "per_tensor":
             return torch.ops.qatx.dequantize_per_tensor_affine(self.codes, self.scale, self.zero_point, x.dtype)
@@ -125,6 +139,86 @@ class DequantizedBias(nn.Module):
 
     def forward(self, bias: Tensor) -> Tensor:
         return torch.ops.qatx.dequantize_per_channel_affine(self.codes, self.scale, self.zero_point, 0, bias.dtype)
+
+
+class QDQLayer(nn.Module):
+    """An INT8 Linear or convolution (``qatx.nn.quantized``) in QDQ form: its input quantizer as
+    :class:`FixedQuantize`, its integer weight and int32 bias as :class:`DequantizedWeight` /
+    :class:`DequantizedBias`, then the float op and ReLU, which is what the INT8 layer computes
+    (up to float rounding)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        from ..nn import quantized as nnq
+
+        self.kind = "linear" if isinstance(layer, nnq.Linear) else ("transposed" if layer.transposed else "conv")
+        self.relu = bool(layer.relu)
+        s_w = layer.weight_scale
+        if self.kind == "linear":
+            codes = layer.int_weight()
+            if s_w.dim() == 2 and s_w.shape[1] > 1:
+                gran, axis, group_size = "per_group", 0, layer.in_features // s_w.shape[1]
+            else:
+                gran, axis, group_size = ("per_tensor" if s_w.numel() == 1 else "per_channel"), 0, 0
+                s_w = s_w.reshape(-1)
+        else:
+            codes = layer.conv_weight()
+            gran, group_size = ("per_tensor" if s_w.numel() == 1 else "per_channel"), 0
+            axis = 1 if self.kind == "transposed" else 0  # ConvTranspose weight [in, out/groups, *k]
+            if self.kind == "transposed" and layer.groups != 1 and gran == "per_channel":
+                raise ValueError("qatx.export.onnx: a converted grouped ConvTranspose with per-channel weights has no "
+                                 "per-axis ONNX form; export the QAT model it was converted from instead")
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+            self.output_padding, self.groups, self.dim = layer.output_padding, layer.groups, len(layer.kernel_size)
+            self.padding_mode, self._pad_amounts = layer.padding_mode, layer._pad_amounts
+        z_w = layer.weight_zero_point if gran == "per_group" else layer.weight_zero_point.reshape(s_w.shape)
+        self.weight = DequantizedWeight.from_codes(codes, s_w, z_w, gran, axis, group_size)
+        self.input_quantizer: nn.Module = nn.Identity()
+        self.bias: Optional[nn.Module] = None
+        if layer.quantize_input:
+            self.input_quantizer = FixedQuantize(layer.input_scale, layer.input_zero_point, "per_tensor", 0, 0,
+                                                 layer.input_quant_min, layer.input_quant_max)
+            if layer.bias is not None:
+                s_b = layer.weight_scale if layer.weight_scale.dim() < 2 else layer.weight_scale[:, 0]
+                scale = layer.input_scale.double() * s_b.double().reshape(-1)
+                self.bias = DequantizedBias(layer.bias, scale.expand(layer.bias.shape))
+        elif layer.bias is not None:
+            self.register_buffer("float_bias", layer.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quantizer(x)
+        w = self.weight(x)
+        b = self.bias(x) if self.bias is not None else getattr(self, "float_bias", None)
+        if self.kind == "linear":
+            y = F.linear(x, w, b)
+        else:
+            padding = self.padding
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._pad_amounts, mode=self.padding_mode)
+                padding = [0] * self.dim
+            y = torch.convolution(x, w, b, self.stride, padding, self.dilation, self.kind == "transposed",
+                                  self.output_padding, self.groups)
+        return F.relu(y) if self.relu else y
+
+
+def int8_qdq_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every INT8 Linear / convolution of ``qatx.nn.quantized`` in QDQ
+    form (:class:`QDQLayer`); other modules are kept."""
+    from ..nn import quantized as nnq
+
+    layers = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.ConvTranspose1d, nnq.ConvTranspose2d,
+              nnq.ConvTranspose3d)
+    if not any(type(m) in layers for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        if type(mod) in layers:
+            parent, _, child = name.rpartition(".")
+            new = QDQLayer(mod)
+            if not parent and not child:
+                return new
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
 
 
 def _quantized_biases(model: nn.Module) -> Dict[str, DequantizedBias]:
