@@ -25,7 +25,8 @@ from .. import quantizers
 from ..nn.qat import modules as qat_modules
 from ._common import inference_copy
 
-__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "DequantizedBias", "QDQLayer", "int8_qdq_form", "qdq_form"]
+__all__ = ["affine_qparams", "FixedQuantize", "DequantizedWeight", "DequantizedBias", "QDQLayer", "int8_qdq_form",
+           "qdq_form"]
 
 
 def affine_qparams(q: nn.Module) -> Optional[Tuple[Tensor, Tensor, str, int, int, int, int]]:
