@@ -13,8 +13,8 @@ unfused ``conv -> bn`` would; in eval mode, or once the BN statistics are frozen
 running statistics and computes the folded layer itself,
 ``conv(q_a(x), q_w(W f)) + q_b((b - \mu_{run}) f + \beta)``, where in eval mode ``q_b`` puts
 the bias on the int32 grid of the INT8 layer (:func:`qatx.nn.qat.modules.quantize_bias`) while
-input and weight are fake-quantized (in training it is the identity). :meth:`to_float` returns that folded
-float layer (``nn.Sequential(layer, nn.ReLU())`` for the ReLU variants).
+input and weight are fake-quantized (in training it is the identity). :meth:`to_float`
+returns that folded float layer (``nn.Sequential(layer, nn.ReLU())`` for the ReLU variants).
 
 Freezing the BN statistics: :meth:`freeze_bn_stats` (or :func:`qatx.freeze_bn_stats` on a
 model); ``freeze_bn_after=N`` freezes them automatically once the BN has tracked ``N``
