@@ -99,6 +99,9 @@ class QuantSpec:
                 or not 16 <= self.histogram_bins <= (1 << 20)):
             raise ValueError(f"QuantSpec.histogram_bins must be an int in [16, 1048576], got {self.histogram_bins!r}")
         _check_bool("power_of_two_scale", self.power_of_two_scale)
+        if self.bits == 16 and not self.signed and self.learnable != "pact":
+            raise ValueError("QuantSpec: bits=16 with signed=False gives [0, 65535], beyond the fake-quantize ops' "
+                             "[-32768, 32767]: use at most 15 bits unsigned, or signed=True")
         if self.observer in HISTOGRAM_OBSERVERS:
             if self.granularity == "per_group":
                 raise ValueError(f"QuantSpec: observer={self.observer!r} supports granularity 'per_tensor' or "

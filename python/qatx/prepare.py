@@ -16,6 +16,10 @@ Models that do not trace fall back to consecutive children of ``nn.Sequential`` 
 (which run in order by construction). The config of a fused group is the config of its first
 module.
 
+Every other ``nn.ReLU`` (not in-place, not kept float by ``skip``/``overrides``) becomes a
+:class:`qatx.nn.ReLU`: the same function, but its backward keeps a bool mask instead of its
+output, which the next layer's input quantizer does not need (less memory per training step).
+
 Already prepared models (e.g. calibrated by :func:`qatx.calibrate`) are accepted: each prepared
 module keeps its quantizers when its config is unchanged, or gets the new config's quantizers
 started from the old ranges (:func:`qatx.transfer_qparams`), so QAT fine-tunes the PTQ model.
@@ -29,7 +33,7 @@ from torch import nn
 
 from . import quantizers
 from .config import QConfig
-from .nn import QuantAdd, QuantCat, QuantMatmul
+from .nn import QuantAdd, QuantCat, QuantMatmul, ReLU
 from .nn import qat
 from .ptq import transfer_qparams
 
@@ -173,6 +177,13 @@ def prepare_qat(model: nn.Module, qconfig: QConfig, *, overrides: Optional[Dict[
             _set_module(model, chain[0], fused.from_float(nn.Sequential(*mods), qc, freeze_bn_after=freeze_bn_after))
             for name in chain[1:]:
                 _set_module(model, name, nn.Identity())
+
+    # The ReLUs left (after residual adds, or reused ones) keep a bool mask for the backward
+    # instead of their output (qatx.nn.ReLU): the next layer's quantizer keeps its own copy.
+    relus: Dict[int, nn.Module] = {}
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if type(mod) is nn.ReLU and not mod.inplace and name and config_of(name) is not None:
+            _set_module(model, name, relus.setdefault(id(mod), ReLU()))
 
     device = _model_device(model)
     swapped: Dict[int, nn.Module] = {}  # shared modules stay shared

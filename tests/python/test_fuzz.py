@@ -653,6 +653,9 @@ def spec_kwargs(draw):
         if kw["learnable"] not in (None, "lsq", "lsq+", "pact"):
             bad.add("learnable")
     learnable, symmetric = kw.get("learnable"), kw.get("symmetric", True)
+    if kw.get("bits") == 16 and not isinstance(kw.get("bits"), bool) and kw.get("signed") is False and \
+            learnable != "pact":
+        bad |= {"bits", "signed"}  # [0, 65535] is beyond the fake-quantize ops' [-32768, 32767]
     if kw.get("observer") in ("histogram", "mse") and (kw["granularity"] == "per_group" or learnable is not None):
         bad.add("observer")  # histogram observers: per tensor or per channel, observed qparams only
     if isinstance(symmetric, bool) and learnable in ("lsq", "lsq+"):
@@ -807,6 +810,8 @@ def _fuzz_quantizer_modules(data):
     gran, axis, group_size, fwd_bad = draw(observer_config(shape))
     ctor_bad |= {"group_size"} & fwd_bad if group_size < 1 and gran == "per_group" else set()
     signed = draw(st.booleans())
+    if kind in ("fake", "lsq") and bits == 16 and not signed:
+        ctor_bad |= {"bits", "signed"}  # [0, 65535] is beyond the fake-quantize ops' [-32768, 32767]
     if kind == "fake":
         make = lambda: qatx.FakeQuantize(bits=bits, signed=signed, symmetric=draw(st.booleans()), granularity=gran,
                                          axis=axis, group_size=group_size)

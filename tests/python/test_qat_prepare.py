@@ -131,6 +131,32 @@ def test_fused_training_step_keeps_less_for_backward():
     assert model[0].bn.weight.grad is not None and model[0].weight.grad is not None
 
 
+
+def test_standalone_relu_keeps_a_mask_and_matches_nn_relu():
+    torch.manual_seed(0)
+    relu = qatx.nn.ReLU()
+    x = torch.randn(64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    x.data[:4] = 0.0
+    x_ref.data[:4] = 0.0  # the gradient at 0 is 0, as nn.ReLU's
+    g = torch.randn(64)
+    y, y_ref = relu(x), nn.ReLU()(x_ref)
+    assert torch.equal(y, y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
+        relu(x)
+    assert kept == [torch.bool]  # the mask, not the float output
+    # inplace ReLUs and skipped regions stay nn.ReLU
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4),
+                          nn.ReLU())
+    prepared = qatx.prepare_qat(model, presets.W8A8, skip=["5"])
+    assert [type(m) for m in prepared][1::2] == [qatx.nn.ReLU, nn.ReLU, nn.ReLU]
+    assert torch.jit.script(prepared.eval())(torch.ones(2, 4)).shape == (2, 4)
+
+
 def test_freeze_bn_after_steps_and_explicit_freeze():
     torch.manual_seed(1)
     model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), presets.W8A8, freeze_bn_after=2)
@@ -187,7 +213,8 @@ class Branchy(Block):
 def test_fusion_detection_from_the_graph():
     model = qatx.prepare_qat(nn.Sequential(Block(), Block()), presets.W8A8)
     blk = model[0]
-    assert type(blk.conv1) is qat.ConvBn2d and type(blk.bn1) is nn.Identity and type(blk.relu) is nn.ReLU
+    # the reused ReLU is not fused; it becomes the mask-keeping qatx.nn.ReLU (one module, still shared)
+    assert type(blk.conv1) is qat.ConvBn2d and type(blk.bn1) is nn.Identity and type(blk.relu) is qatx.nn.ReLU
     assert type(blk.conv2) is qat.ConvBn2d and type(blk.conv3) is qat.Conv2d
     assert type(blk.unused_bn) is nn.BatchNorm2d
     assert blk.add.input_quantizer is not None and isinstance(blk.add.other_quantizer, qatx.FakeQuantize)

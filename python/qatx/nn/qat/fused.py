@@ -31,18 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import QConfig
+from ..activation import relu
 from . import modules as qat
 
 __all__ = ["ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d", "LinearBn1d"]
-
-
-def _relu(y: Tensor) -> Tensor:
-    """ReLU whose backward keeps a bool mask (1 byte per element) instead of the output (4):
-    the output goes on to the next layer's input quantizer, which keeps 1 bit, so the float
-    output need not outlive the forward. Same values and gradient as ``F.relu``."""
-    if torch.is_grad_enabled() and y.requires_grad:
-        return torch.where(y > 0, y, 0.0)
-    return F.relu(y)
 
 
 class _BnFolded:
@@ -121,7 +113,7 @@ class _BnFolded:
             # Running statistics: the folded layer itself, its bias on the INT8 layer's int32 grid.
             y = self._apply_weight(x, weight, self._quantized_bias(self._folded_bias()))
         if self.with_relu:
-            y = _relu(y)
+            y = relu(y)  # keeps a bool mask for the backward, not the output
         return y
 
     def _batch_norm_update(self, y: Tensor) -> Tensor:
