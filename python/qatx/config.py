@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .observers import GRANULARITIES, quant_range
+from .observers import GRANULARITIES, fake_quant_range, quant_range
 from .quantizers import PACT, FakeQuantize, LearnableFakeQuantize
 
 __all__ = ["QuantSpec", "QConfig", "OBSERVERS", "HISTOGRAM_OBSERVERS", "LEARNABLE"]
@@ -99,9 +99,11 @@ class QuantSpec:
                 or not 16 <= self.histogram_bins <= (1 << 20)):
             raise ValueError(f"QuantSpec.histogram_bins must be an int in [16, 1048576], got {self.histogram_bins!r}")
         _check_bool("power_of_two_scale", self.power_of_two_scale)
-        if self.bits == 16 and not self.signed and self.learnable != "pact":
-            raise ValueError("QuantSpec: bits=16 with signed=False gives [0, 65535], beyond the fake-quantize ops' "
-                             "[-32768, 32767]: use at most 15 bits unsigned, or signed=True")
+        if self.learnable != "pact":  # PACT's op takes 16-bit unsigned ranges
+            try:
+                fake_quant_range(self.bits, self.signed, self.narrow_range)
+            except ValueError as e:
+                raise ValueError(f"QuantSpec: {e}") from None
         if self.observer in HISTOGRAM_OBSERVERS:
             if self.granularity == "per_group":
                 raise ValueError(f"QuantSpec: observer={self.observer!r} supports granularity 'per_tensor' or "

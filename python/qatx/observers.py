@@ -48,6 +48,16 @@ def quant_range(bits: int, signed: bool, narrow_range: bool = False) -> Tuple[in
     return int(narrow_range), (1 << bits) - 1
 
 
+def fake_quant_range(bits: int, signed: bool, narrow_range: bool = False) -> Tuple[int, int]:
+    """:func:`quant_range`, limited to what the fake-quantize ops take: ``[-32768, 32767]``
+    (so 16-bit unsigned is refused)."""
+    quant_min, quant_max = quant_range(bits, signed, narrow_range)
+    if quant_max > 32767:
+        raise ValueError(f"bits={bits} with signed=False gives [{quant_min}, {quant_max}], beyond the fake-quantize "
+                         f"ops' [-32768, 32767]: use at most 15 bits unsigned, or signed=True")
+    return quant_min, quant_max
+
+
 def power_of_two_scale(scale: Tensor) -> Tensor:
     """The smallest power of two ``>= scale`` (positive float32 scales): ``2^ceil(log2(scale))``,
     computed exactly from ``frexp`` (``scale = m 2^e`` with ``m`` in ``[0.5, 1)``: ``2^(e-1)`` when

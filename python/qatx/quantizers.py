@@ -12,18 +12,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .observers import HISTOGRAM_METHODS, HistogramObserver, MinMaxObserver, _check_granularity, quant_range
+from .observers import (HISTOGRAM_METHODS, HistogramObserver, MinMaxObserver, _check_granularity,
+                        fake_quant_range, quant_range)
 
 __all__ = ["FakeQuantize", "LearnableFakeQuantize", "PACT"]
-
-
-def _op_range(bits: int, signed: bool, narrow_range: bool) -> Tuple[int, int]:
-    """:func:`quant_range`, limited to what the fake-quantize ops take: ``[-32768, 32767]``."""
-    quant_min, quant_max = quant_range(bits, signed, narrow_range)
-    if quant_max > 32767:
-        raise ValueError(f"bits={bits} with signed=False gives [{quant_min}, {quant_max}], beyond the fake-quantize "
-                         f"ops' [-32768, 32767]: use at most 15 bits unsigned, or signed=True")
-    return quant_min, quant_max
 
 
 class _Toggles(nn.Module):
@@ -161,7 +153,7 @@ class FakeQuantize(_Toggles):
                  averaging_constant: Optional[float] = None, observer: Union[str, nn.Module] = "minmax",
                  percentile: float = 99.99, bins: int = 2048, power_of_two: bool = False):
         super().__init__()
-        self.quant_min, self.quant_max = _op_range(bits, signed, narrow_range)
+        self.quant_min, self.quant_max = fake_quant_range(bits, signed, narrow_range)
         self.bits = bits
         self.symmetric = symmetric
         self.granularity = granularity
@@ -361,7 +353,7 @@ class LearnableFakeQuantize(_Toggles):
             raise ValueError(f"qparam_shape must be positive (one scale per channel or group), got {shape}")
         if granularity == "per_tensor" and math.prod(shape) != 1:
             raise ValueError(f"a per-tensor quantizer has one scale, got shape {shape}")
-        self.quant_min, self.quant_max = _op_range(bits, signed, narrow_range)
+        self.quant_min, self.quant_max = fake_quant_range(bits, signed, narrow_range)
         self.bits = bits
         self.learn_zero_point = learn_zero_point
         self.granularity = granularity

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ...config import QConfig
 
-__all__ = ["quantize_bias", "bias_codes", "QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-           "ConvTranspose3d", "Embedding"]
+__all__ = ["quantize_bias", "bias_codes", "QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+           "ConvTranspose2d", "ConvTranspose3d", "Embedding"]
 
 
 def bias_codes(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tuple[Tensor, Tensor]:
