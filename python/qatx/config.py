@@ -176,6 +176,10 @@ class QuantSpec:
                                  f"activations or pass shape= to make_quantizer")
             qparam_shape = [shape[axis]] if self.granularity == "per_channel" else \
                 list(shape[:-1]) + [shape[-1] // self.group_size]
+            if 0 in qparam_shape:
+                where = f"axis={axis}" if self.granularity == "per_channel" else f"group_size={self.group_size}"
+                raise ValueError(f"a learned {self.granularity} scale for shape {list(shape)} ({where}) would have no "
+                                 f"elements: the tensor must not be empty there")
         return LearnableFakeQuantize(bits=self.bits, signed=self.signed, learn_zero_point=self.learnable == "lsq+",
                                      narrow_range=self.narrow_range, granularity=self.granularity, axis=axis,
                                      group_size=self.group_size, qparam_shape=qparam_shape,
