@@ -1,10 +1,12 @@
 """The INT8 ops (linear_int8, convolution_int8, linear_int8_dynamic): exact integer sums against an
-obviously-right int64 reference, the FBGEMM route's saturation guard (sparse and dense residual
-passes), the reference route (per-group, transposed), layouts, opcheck, and every documented error.
+obviously-right int64 reference, extreme values that would saturate u8*s8 kernels, the CPU's int16
+route (grouped and odd channel counts, several panels, the fallback when an int32 sum could
+overflow) and the reference route (per-group, transposed), layouts, opcheck, and every documented
+error.
 
-Tolerance: the integer accumulator is exact; the float epilogue (acc + bias) * s_in * s_w is
-rounded to float32 in a different order by FBGEMM, so outputs are compared with rtol=1e-5 and an
-absolute tolerance of 1e-5 * max|y| (far below one accumulator step s_in * s_w)."""
+On the CPU every route computes the exact integer sum and the reference's float64 epilogue, so
+outputs are compared bit for bit. On CUDA the comparison allows rtol=1e-5 and an absolute
+tolerance of 1e-5 * max|y| (far below one accumulator step s_in * s_w)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,8 +54,11 @@ def ref_conv(x, s, z, qmin, qmax, w, sw, zw, bias, stride, padding, dilation, tr
     return y.clamp_min(0) if relu else y
 
 
-def assert_close_epilogue(y, ref):
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-30)
+def assert_close_epilogue(y, ref, device="cpu"):
+    if device == "cpu":
+        assert torch.equal(y, ref), f"max difference {float((y - ref).abs().max())}"
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) + 1e-30)
 
 
 def qparams(gen, n, per_channel, asymmetric=False, device="cpu"):
@@ -81,13 +86,13 @@ def test_linear_int8_matches_integer_reference(device, per_channel, asym, irange
         y = qatx.linear_int8(x, s, z, qmin, qmax, w, sw, zw, b, relu)
         assert y.dtype == torch.float32 and y.shape == (3, m, n)
         assert_close_epilogue(y.cpu(), ref_linear(x.cpu(), s.cpu(), z.cpu(), qmin, qmax, w.cpu(), sw.cpu(), zw.cpu(),
-                                                  None if b is None else b.cpu(), relu))
+                                                  None if b is None else b.cpu(), relu), device)
 
 
 @pytest.mark.parametrize("high_fraction", [0.0, 0.02, 0.5, 1.0])
 def test_linear_int8_no_int16_saturation(high_fraction):
-    """Large activations meeting large same-sign weights: the sums stay exact (the FBGEMM route
-    splits the activations; 0.02 takes the sparse residual pass, 0.5 and 1.0 the second GEMM)."""
+    """Large activations meeting large same-sign weights, where a u8*s8 kernel's int16 pair sums
+    would saturate: the sums stay exact."""
     gen = torch.Generator().manual_seed(7)
     m, k, n = 64, 256, 48
     s, z = torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
@@ -103,6 +108,21 @@ def test_linear_int8_no_int16_saturation(high_fraction):
     assert torch.equal(y.double(), expected.float().double())  # integers below 2^24: exact in float32
 
 
+@pytest.mark.parametrize("k", [33025, 33026])
+def test_linear_int8_long_reduction_falls_back_exactly(k):
+    """K * 255 * 255 just inside and just beyond int32: the int16 route takes the first, the
+    float64 reference route the second; both exact."""
+    gen = torch.Generator().manual_seed(k)
+    s, z = torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
+    q = torch.full((3, k), 255.0)
+    q[1] = torch.randint(0, 256, (k,), generator=gen).float()
+    w = torch.full((2, k), 127, dtype=torch.int8)
+    zw = torch.tensor([-128, 0], dtype=torch.int32)  # centered weights up to 255
+    sw = torch.ones(2)
+    y = qatx.linear_int8(q, s, z, 0, 255, w, sw, zw)
+    assert torch.equal(y, ref_linear(q, s, z, 0, 255, w, sw, zw))
+
+
 def test_linear_int8_per_group_and_4bit_values():
     gen = torch.Generator().manual_seed(3)
     n, k, gs = 10, 64, 16
@@ -115,7 +135,7 @@ def test_linear_int8_per_group_and_4bit_values():
     y = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, bias)
     a = (ref_quantize(x, s, z, 0, 255) - 128).double().reshape(5, k // gs, gs)
     acc = torch.einsum("mgk,ngk->mng", a, w.double().reshape(n, k // gs, gs))
-    expected = ((acc * sw.double()).sum(-1) + bias.double() * sw[:, 0].double()) * 0.02
+    expected = ((acc * sw.double()).sum(-1) + bias.double() * sw[:, 0].double()) * s.double()
     assert_close_epilogue(y, expected.float())
 
 
@@ -127,6 +147,9 @@ CONV_CASES = [
     (2, False, 16, 16, 3, 1, 1, 1, 0, 16),
     (1, False, 5, 7, 3, 2, 1, 1, 0, 1),
     (3, False, 4, 6, 3, 1, 1, 1, 0, 2),
+    (2, False, 3, 40, 3, 1, 1, 1, 0, 1),      # odd C (a padded channel), three panels of 16
+    (2, False, 9, 36, (3, 2), 1, (1, 0), 1, 0, 3),  # odd C/G, per-group panels
+    (2, False, 8, 8, 1, 2, 0, 1, 0, 1),       # 1x1, stride 2
     (2, True, 6, 4, 3, 2, 1, 1, 1, 2),
     (1, True, 4, 5, 4, 2, 1, 1, 0, 1),
 ]
@@ -151,7 +174,7 @@ def test_convolution_int8_matches_integer_reference(device, case, per_channel):
         ref = ref_conv(x.cpu(), s.cpu(), z.cpu(), 0, 255, w.cpu(), sw.cpu(), zw.cpu(),
                        None if b is None else b.cpu(), stride, pad, dil, tr, opad, g, relu)
         assert y.shape == ref.shape
-        assert_close_epilogue(y.cpu(), ref)
+        assert_close_epilogue(y.cpu(), ref, device)
         if not tr:  # channels-last output (what the im2col GEMM writes)
             assert y.permute([0] + list(range(2, d + 2)) + [1]).is_contiguous()
 
@@ -200,8 +223,7 @@ def test_linear_int8_dynamic_matches_reference(device, per_row):
     sw, zw = qparams(gen, 32, True, device=device)
     bias = torch.randn(32, generator=gen).to(device)
     y = qatx.linear_int8_dynamic(x, w, sw, zw, bias, per_row)
-    torch.testing.assert_close(y.cpu(), ref_dynamic(x.cpu(), w.cpu(), sw.cpu(), zw.cpu(), bias.cpu(), per_row),
-                               rtol=1e-5, atol=1e-5)
+    assert_close_epilogue(y.cpu(), ref_dynamic(x.cpu(), w.cpu(), sw.cpu(), zw.cpu(), bias.cpu(), per_row), device)
     zero = qatx.linear_int8_dynamic(torch.zeros(3, 48, device=device), w, sw, zw, bias, per_row)
     torch.testing.assert_close(zero.cpu(), bias.cpu().expand(3, 32))
 

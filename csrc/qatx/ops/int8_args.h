@@ -1,7 +1,7 @@
 // Argument checks, output shapes and the exact reference computation of the INT8 ops
 // (linear_int8, linear_int8_dynamic, convolution_int8). The CPU, CUDA and Meta kernels share
 // the checks and shapes; the reference computation is the CUDA route for convolutions and the
-// CPU route for what FBGEMM does not serve. Formulas and errors: docs/ops.md.
+// CPU route for what the int16 GEMM does not serve. Formulas and errors: docs/ops.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,0 +1,219 @@
+// AVX2 kernels of int16_gemm.h. Only the functions marked QATX_AVX2 use AVX2 instructions; they
+// run only after supported() said yes, so the library still loads on any x86-64 CPU.
+#include "qatx/ops/cpu/int16_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "qatx/kernels/quant_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define QATX_INT16_GEMM 1
+#include <immintrin.h>
+#define QATX_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define QATX_INT16_GEMM 0
+#endif
+
+namespace qatx {
+namespace ops {
+namespace int16_gemm {
+
+namespace {
+constexpr int64_t kPanel = 16;  // columns per B panel: two ymm of int32
+constexpr int64_t kTileRows = 6;  // rows per micro-tile: 12 accumulators + 2 B + 1 A + 1 product = 16 ymm
+constexpr int64_t kBlockRows = 192;  // rows of A per work item (a multiple of kTileRows)
+}  // namespace
+
+bool supported() {
+#if QATX_INT16_GEMM
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
+  PackedB b;
+  b.n = n;
+  b.k = k;
+  b.kp = k + (k & 1);
+  const int64_t panels = (n + kPanel - 1) / kPanel, pairs = b.kp / 2;
+  b.panels.assign(static_cast<size_t>(panels * pairs * kPanel * 2), 0);
+  for (int64_t c = 0; c < n; ++c) {
+    int16_t* panel = b.panels.data() + (c / kPanel) * pairs * kPanel * 2;
+    const int64_t j = c % kPanel;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const int32_t v = rows[c * k + kk] - zero_points[c];
+      b.max_abs = std::max(b.max_abs, v < 0 ? -v : v);
+      panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = static_cast<int16_t>(v);
+    }
+  }
+  return b;
+}
+
+#if QATX_INT16_GEMM
+namespace {
+
+// acc[6][16] = A[6 rows] * B panel. Row i of A is `segments` runs of 2 * pairs int16 each, run s
+// starting at starts[s * 6 + i] (im2col without the copy: a run is one input pixel's channels).
+// Named accumulators (not an array) keep GCC from spilling them: 12 accumulators + 2 B + 1 A +
+// 1 product fill the 16 ymm registers.
+QATX_AVX2 void tile(const int16_t* const* starts, int64_t segments, int64_t pairs, const int16_t* panel,
+                    int32_t* acc) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    const int16_t* const* r = starts + seg * kTileRows;
+    const int16_t *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3], *a4 = r[4], *a5 = r[5];
+    for (int64_t kk = 0; kk < pairs; ++kk, panel += 2 * kPanel) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel));
+      // Broadcast (a[2kk], a[2kk + 1]) of a row as the 32-bit pair vpmaddwd multiplies with b's.
+#define QATX_ROW(a, c0, c1)                                             \
+  {                                                                     \
+    int32_t pair;                                                       \
+    std::memcpy(&pair, a + 2 * kk, sizeof pair);                        \
+    const __m256i av = _mm256_set1_epi32(pair);                         \
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(av, b0));               \
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(av, b1));               \
+  }
+      QATX_ROW(a0, c00, c01)
+      QATX_ROW(a1, c10, c11)
+      QATX_ROW(a2, c20, c21)
+      QATX_ROW(a3, c30, c31)
+      QATX_ROW(a4, c40, c41)
+      QATX_ROW(a5, c50, c51)
+#undef QATX_ROW
+    }
+  }
+  __m256i* out = reinterpret_cast<__m256i*>(acc);
+  _mm256_storeu_si256(out + 0, c00), _mm256_storeu_si256(out + 1, c01);
+  _mm256_storeu_si256(out + 2, c10), _mm256_storeu_si256(out + 3, c11);
+  _mm256_storeu_si256(out + 4, c20), _mm256_storeu_si256(out + 5, c21);
+  _mm256_storeu_si256(out + 6, c30), _mm256_storeu_si256(out + 7, c31);
+  _mm256_storeu_si256(out + 8, c40), _mm256_storeu_si256(out + 9, c41);
+  _mm256_storeu_si256(out + 10, c50), _mm256_storeu_si256(out + 11, c51);
+}
+
+// Rows < mr and columns < cols of the tile through the epilogue (int16_gemm.h); the columns from
+// `col` on.
+QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep, float* y,
+                          int64_t ldy) {
+  const double *scale = ep.scale + col, *bias = ep.bias ? ep.bias + col : nullptr,
+               *shift = ep.shift ? ep.shift + col : nullptr;
+  for (int64_t i = 0; i < mr; ++i) {
+    const int32_t* a = acc + i * kPanel;
+    float* out = y + i * ldy;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      __m256d v = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
+      if (bias) v = _mm256_add_pd(v, _mm256_loadu_pd(bias + j));
+      v = _mm256_mul_pd(v, _mm256_loadu_pd(scale + j));
+      if (shift) v = _mm256_add_pd(v, _mm256_loadu_pd(shift + j));
+      __m128 f = _mm256_cvtpd_ps(v);
+      if (ep.relu) f = _mm_max_ps(f, _mm_setzero_ps());
+      _mm_storeu_ps(out + j, f);
+    }
+    for (; j < cols; ++j) {
+      double v = static_cast<double>(a[j]);
+      if (bias) v += bias[j];
+      v *= scale[j];
+      if (shift) v += shift[j];
+      const float f = static_cast<float>(v);
+      out[j] = ep.relu ? std::max(f, 0.0f) : f;
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
+          int64_t ldy) {
+#if QATX_INT16_GEMM
+  if (m == 0 || b.n == 0) return;
+  TORCH_INTERNAL_ASSERT(segments > 0 && b.kp % (2 * segments) == 0, "int16_gemm: K must split into even runs");
+  const int64_t panels = (b.n + kPanel - 1) / kPanel, pairs = b.kp / 2 / segments;
+  // Work items: blocks of rows, and when there are fewer blocks than threads, slices of the
+  // panels too. Within an item each 6-row tile meets every panel of its slice while its rows
+  // are in L1; the panels (all of B) stay in L2.
+  const int64_t threads = at::get_num_threads();
+  const int64_t block_rows =
+      std::min<int64_t>(kBlockRows, std::max<int64_t>(kTileRows, (m + threads - 1) / threads + kTileRows - 1) /
+                                        kTileRows * kTileRows);
+  const int64_t blocks = (m + block_rows - 1) / block_rows;
+  const int64_t slices = std::min<int64_t>(panels, std::max<int64_t>(1, threads / blocks));
+  const int64_t per_slice = (panels + slices - 1) / slices;
+  at::parallel_for(0, blocks * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const int16_t*> starts(static_cast<size_t>(segments * kTileRows)), row(static_cast<size_t>(segments));
+    alignas(32) int32_t acc[kTileRows * kPanel];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item / slices, slice = item % slices;
+      const int64_t first = block * block_rows, rows = std::min(block_rows, m - first);
+      const int64_t p_begin = slice * per_slice, p_end = std::min(panels, (slice + 1) * per_slice);
+      for (int64_t i = 0; i < rows; i += kTileRows) {
+        const int64_t mr = std::min(kTileRows, rows - i);
+        for (int64_t r = 0; r < mr; ++r) {
+          locate(first + i + r, row.data());
+          // A short tile repeats its last row in the unused slots; only mr rows are stored.
+          for (int64_t rr = r; rr < (r + 1 == mr ? kTileRows : r + 1); ++rr) {
+            for (int64_t seg = 0; seg < segments; ++seg) starts[seg * kTileRows + rr] = row[seg];
+          }
+        }
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t col = p * kPanel, cols = std::min(kPanel, b.n - col);
+          tile(starts.data(), segments, pairs, b.panels.data() + p * (b.kp / 2) * kPanel * 2, acc);
+          store_tile(acc, mr, col, cols, epilogue, y + (first + i) * ldy + col, ldy);
+        }
+      }
+    }
+  });
+#else
+  (void)m, (void)b, (void)segments, (void)locate, (void)epilogue, (void)y, (void)ldy;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::gemm needs an x86-64 CPU with AVX2");
+#endif
+}
+
+Quantizer::Quantizer(float scale, int32_t zero_point, int64_t quant_min, int64_t quant_max)
+    : inv_scale(1.0f / scale),
+      zero_point(static_cast<float>(zero_point)),
+      quant_min(static_cast<float>(quant_min)),
+      quant_max(static_cast<float>(quant_max)) {}
+
+#if QATX_INT16_GEMM
+QATX_AVX2
+#endif
+bool Quantizer::operator()(const float* x, int16_t* dst, int64_t n) const {
+  int64_t i = 0;
+  bool nan = false;
+#if QATX_INT16_GEMM
+  // Eight at a time, the same float32 operations as math::quantize_value: rint(x * inv) (half to
+  // even), + z, clamp; then - z, exact in float32, and a conversion of an integer value.
+  const __m256 inv = _mm256_set1_ps(inv_scale), z = _mm256_set1_ps(zero_point), lo = _mm256_set1_ps(quant_min),
+               hi = _mm256_set1_ps(quant_max);
+  __m256 unordered = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 q = _mm256_add_ps(
+        _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(q, q, _CMP_UNORD_Q));
+    const __m256i v = _mm256_cvtps_epi32(_mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(q, lo), hi), z));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+  }
+  nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+  for (; i < n; ++i) {
+    const float q = math::quantize_value(x[i], inv_scale, zero_point, quant_min, quant_max);
+    nan |= (q != q);
+    dst[i] = static_cast<int16_t>(static_cast<int32_t>(q == q ? q - zero_point : 0.0f));
+  }
+  return !nan;
+}
+
+}  // namespace int16_gemm
+}  // namespace ops
+}  // namespace qatx

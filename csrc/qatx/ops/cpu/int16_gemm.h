@@ -1,0 +1,62 @@
+// Exact integer GEMM for the INT8 ops on AVX2 CPUs: y = epilogue(A * B) with A and B holding
+// centered integers (q - z, at most 9 bits) as int16 and int32 accumulation (vpmaddwd). Unlike
+// u8*s8 kernels (vpmaddubsw) no intermediate saturates, so the sum is exact for any 8-bit
+// quantization whenever K * max|a| * max|b| < 2^31, and the float64 epilogue makes the result
+// bit-identical to the reference route (int8_args.cpp).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace qatx {
+namespace ops {
+namespace int16_gemm {
+
+// True on a CPU with AVX2 (the only instruction set the kernels need beyond x86-64).
+bool supported();
+
+// B as panels of 16 columns: panel p, reduction pair kk holds, for its 16 columns j, the
+// neighbouring pair (b[2kk, j], b[2kk + 1, j]); K is padded with zeros to kp (even), the last
+// panel's missing columns are zero.
+struct PackedB {
+  std::vector<int16_t> panels;
+  int64_t n = 0, k = 0, kp = 0;
+  int32_t max_abs = 0;  // largest |b|
+};
+
+// Packs rows[c, k] - zero_points[c] (rows: n x k int8, row-major) as B[k, c].
+PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points);
+
+// Row r of A (centered int16, b.kp elements) is `segments` equal runs of b.kp / segments
+// elements (an even count): locate(r, starts) sets starts[s] to the first element of run s. A
+// convolution's row is its window, one run per kernel tap (that pixel's channels, or zeros in the
+// padding), so no im2col copy is made; a linear layer's row is one run.
+using LocateRow = std::function<void(int64_t row, const int16_t** starts)>;
+
+// y[r, c] = float32((double(acc[r, c]) + bias[c]) * scale[c] + shift[c]), then max(y, 0) when
+// relu: each operation one float64 rounding, as on the reference route. The arrays have b.n
+// entries; bias and shift may be null (no term).
+struct Epilogue {
+  const double* scale;
+  const double* bias;
+  const double* shift;
+  bool relu;
+};
+
+// y is m x b.n with row stride ldy.
+void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
+          int64_t ldy);
+
+// The fake-quantize forward's integer, centered: dst[i] = clamp(rint(x[i] * (1/s)) + z,
+// quant_min, quant_max) - z, an int16 in [quant_min - z, quant_max - z]. Serial; returns false
+// when x holds a NaN (which has no integer; its dst is then unspecified).
+struct Quantizer {
+  Quantizer(float scale, int32_t zero_point, int64_t quant_min, int64_t quant_max);
+  bool operator()(const float* x, int16_t* dst, int64_t n) const;
+  float inv_scale, zero_point, quant_min, quant_max;
+};
+
+}  // namespace int16_gemm
+}  // namespace ops
+}  // namespace qatx
