@@ -89,6 +89,26 @@ def test_linear_int8_matches_integer_reference(device, per_channel, asym, irange
                                                   None if b is None else b.cpu(), relu), device)
 
 
+@pytest.mark.parametrize("m", [1, 7, 13])
+@pytest.mark.parametrize("k", [5, 70])
+def test_linear_int8_row_counts(m, k):
+    """A single row (its own kernel), a lone last row after full tiles, and odd K (a zero column)."""
+    gen = torch.Generator().manual_seed(m * 100 + k)
+    x = torch.randn(m, k, generator=gen)
+    s, z = torch.tensor([0.02]), torch.tensor([-3], dtype=torch.int32)
+    w = torch.randint(-128, 128, (20, k), generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, 20, True, True)
+    bias = torch.randint(-500, 500, (20,), generator=gen, dtype=torch.int32)
+    old = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            y = qatx.linear_int8(x, s, z, -128, 127, w, sw, zw, bias, True)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(y, ref_linear(x, s, z, -128, 127, w, sw, zw, bias, True))
+
+
 @pytest.mark.parametrize("high_fraction", [0.0, 0.02, 0.5, 1.0])
 def test_linear_int8_no_int16_saturation(high_fraction):
     """Large activations meeting large same-sign weights, where a u8*s8 kernel's int16 pair sums

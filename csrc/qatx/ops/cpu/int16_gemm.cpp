@@ -99,6 +99,35 @@ QATX_AVX2 void tile(const int16_t* const* starts, int64_t segments, int64_t pair
   _mm256_storeu_si256(out + 10, c50), _mm256_storeu_si256(out + 11, c51);
 }
 
+// tile() for a single row (batch-1 inference would otherwise compute six).
+QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t pairs, const int16_t* panel,
+                        int32_t* acc) {
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, d0 = c0, d1 = c0;  // two chains each, for latency
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    const int16_t* a = starts[seg * kTileRows];
+    int64_t kk = 0;
+    for (; kk + 2 <= pairs; kk += 2, panel += 4 * kPanel) {
+      int32_t p0, p1;
+      std::memcpy(&p0, a + 2 * kk, sizeof p0);
+      std::memcpy(&p1, a + 2 * kk + 2, sizeof p1);
+      const __m256i a0 = _mm256_set1_epi32(p0), a1 = _mm256_set1_epi32(p1);
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel))));
+      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel))));
+      d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 2 * kPanel))));
+      d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 3 * kPanel))));
+    }
+    for (; kk < pairs; ++kk, panel += 2 * kPanel) {
+      int32_t p0;
+      std::memcpy(&p0, a + 2 * kk, sizeof p0);
+      const __m256i a0 = _mm256_set1_epi32(p0);
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel))));
+      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel))));
+    }
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc), _mm256_add_epi32(c0, d0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8), _mm256_add_epi32(c1, d1));
+}
+
 // Rows < mr and columns < cols of the tile through the epilogue (int16_gemm.h); the columns from
 // `col` on.
 QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep, float* y,
@@ -166,7 +195,8 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
         }
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t col = p * kPanel, cols = std::min(kPanel, b.n - col);
-          tile(starts.data(), segments, pairs, b.panels.data() + p * (b.kp / 2) * kPanel * 2, acc);
+          (mr == 1 ? tile_row : tile)(starts.data(), segments, pairs, b.panels.data() + p * (b.kp / 2) * kPanel * 2,
+                                      acc);
           store_tile(acc, mr, col, cols, epilogue, y + (first + i) * ldy + col, ldy);
         }
       }
