@@ -250,8 +250,9 @@ def linear_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, in
     shape ``[1]``, ``[N]`` or ``[N, K // group_size]`` (per group: one exact sum per group, each
     scaled by its group's scale; the bias then uses the first group's scale). ``bias``: int32
     ``[N]`` at scale :math:`s_{in} s_w[c]`. ``relu`` clamps the output at 0. The integer sum is
-    exact (int32 on FBGEMM / cuBLASLt, float64 in the reference route); the float epilogue rounds
-    to float32 (a few ulps may differ between CPU routes). See docs/ops.md.
+    exact (int32 in the CPU int16 GEMM and cuBLASLt, float64 in the reference route); the
+    epilogue is computed in float64 and rounded once to float32, so the CPU routes give the same
+    bits. See docs/ops.md.
     """
     return torch.ops.qatx.linear_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max, weight,
                                       weight_scale, weight_zero_point, bias, relu)
