@@ -133,6 +133,12 @@ EpilogueTerms epilogue_terms(float s_in, const at::Tensor& weight_scale, const s
   return e;
 }
 
+// Scratch for the centered activations; zeroed only when it has padding entries.
+at::Tensor int16_buffer(int64_t n, bool zeroed) {
+  const auto options = at::TensorOptions().dtype(at::kShort);
+  return zeroed ? at::zeros({n}, options) : at::empty({n}, options);
+}
+
 void check_no_nan(bool ok, const char* op) {
   TORCH_CHECK(ok, op, ": input contains NaN, which has no quantized value");
 }
@@ -154,16 +160,17 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   // Rows of b.kp int16 (an odd K gets a zero column).
   const float* xp = x.const_data_ptr<float>();
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
-  std::vector<int16_t> a(static_cast<size_t>(m * b.kp), 0);
+  const at::Tensor a_buffer = int16_buffer(m * b.kp, b.kp != k);
+  int16_t* a = a_buffer.mutable_data_ptr<int16_t>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (!quantize(xp + r * k, a.data() + r * b.kp, k)) ok = false;
+      if (!quantize(xp + r * k, a + r * b.kp, k)) ok = false;
     }
   });
   check_no_nan(ok, op);
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, n);
-  int16_gemm::gemm(m, b, 1, [&](int64_t row, const int16_t** starts) { starts[0] = a.data() + row * b.kp; },
+  int16_gemm::gemm(m, b, 1, [&](int64_t row, const int16_t** starts) { starts[0] = a + row * b.kp; },
                    e.at(0, relu), out.mutable_data_ptr<float>(), n);
   return out;
 }
@@ -213,17 +220,20 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   const at::Tensor x = input.permute(perm).contiguous();
   const float* xp = x.const_data_ptr<float>();
   const int64_t pixels = x.numel() / c_in;
-  std::vector<int16_t> xq(static_cast<size_t>(pixels * c_stride), 0), zeros(static_cast<size_t>(cgp), 0);
+  // Uninitialized unless there are padding channels to keep at zero.
+  const at::Tensor xq_buffer = int16_buffer(pixels * c_stride, cgp != cg);
+  int16_t* xq = xq_buffer.mutable_data_ptr<int16_t>();
+  const std::vector<int16_t> zeros(static_cast<size_t>(cgp), 0);
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
   at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 14) / c_in), [&](int64_t begin, int64_t end) {
     if (cgp == cg) {  // no padding channel: one run
-      if (!quantize(xp + begin * c_in, xq.data() + begin * c_stride, (end - begin) * c_in)) ok = false;
+      if (!quantize(xp + begin * c_in, xq + begin * c_stride, (end - begin) * c_in)) ok = false;
       return;
     }
     for (int64_t px = begin; px < end; ++px) {
       for (int64_t g = 0; g < groups; ++g) {
-        if (!quantize(xp + px * c_in + g * cg, xq.data() + px * c_stride + g * cgp, cg)) ok = false;
+        if (!quantize(xp + px * c_in + g * cg, xq + px * c_stride + g * cgp, cg)) ok = false;
       }
     }
   });
@@ -251,7 +261,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   for (int64_t g = 0; g < groups; ++g) {
     auto locate = [&](int64_t row, const int16_t** starts) {
       const int64_t nn = row / out_plane;
-      const int16_t* base = xq.data() + nn * image + g * cgp;
+      const int16_t* base = xq + nn * image + g * cgp;
       const int64_t* off = offsets.data() + (row - nn * out_plane) * taps;
       for (int64_t t = 0; t < taps; ++t) starts[t] = off[t] < 0 ? zeros.data() : base + off[t];
     };
