@@ -132,6 +132,78 @@ def test_fused_training_step_keeps_less_for_backward():
 
 
 
+class _ResBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1))
+        self.shortcut = nn.Conv2d(8, 16, 1, 2)
+        self.add = qatx.nn.QuantAdd()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.add(self.conv(x), self.shortcut(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+def _train_steps(model, x, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_layers_keep_their_quantized_input_as_integer_codes(monkeypatch):
+    """A W8A8 training step keeps each layer's fake-quantized input as uint8/int8 codes (the float
+    copy is freed after the forward) and rebuilds it exactly: losses and updated parameters equal,
+    bit for bit, those of a step that keeps the float input."""
+    import weakref
+
+    from qatx.nn.qat import modules as qat_modules
+    torch.manual_seed(0)
+    base = _ResBlock()
+    x = torch.randn(6, 3, 12, 12)
+    reference = _train_steps(qatx.prepare_qat(base, presets.W8A8), x)
+
+    inputs = []
+    original = qat_modules._apply_saving_codes
+
+    def recording(apply, x, *args):
+        inputs.append(weakref.ref(x))
+        return original(apply, x, *args)
+
+    monkeypatch.setattr(qat_modules, "_apply_saving_codes", recording)
+    model = qatx.prepare_qat(base, presets.W8A8)
+    losses, params = _train_steps(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(losses, reference[0]))
+    assert all(torch.equal(a, b) for a, b in zip(params, reference[1]))
+    assert len(inputs) == 2 * 5  # stem, two convs, shortcut, fc; two steps
+    y = model(x)
+    assert all(ref() is None for ref in inputs)  # no float input kept alive by the backward
+    del y
+
+    # Other saved-tensor hooks (here activation checkpointing) decide alone: the float path.
+    inputs.clear()
+    model = qatx.prepare_qat(base, presets.W8A8)
+    model(x)
+    torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False).sum().backward()
+    assert len(inputs) == 5  # the plain forward's layers only
+    # Codes in int8 when the range fits it, else uint8; none beyond 8 bits or for a learnable
+    # (LSQ) input quantizer.
+    def codes(**spec):
+        return qat_modules._codes_dtype(QuantSpec(observer="minmax", **spec).make_quantizer())
+
+    assert codes(bits=4, signed=False) == torch.int8 and codes(bits=8, signed=False) == torch.uint8
+    assert codes(bits=8, signed=True) == torch.int8 and codes(bits=12, signed=True) is None
+    assert qat_modules._codes_dtype(presets.W4A4_LSQ.activation.make_quantizer()) is None
+
+
 def test_standalone_relu_keeps_a_mask_and_matches_nn_relu():
     torch.manual_seed(0)
     relu = qatx.nn.ReLU()

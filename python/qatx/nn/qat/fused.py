@@ -102,7 +102,7 @@ class _BnFolded:
         x = self.input_quantizer(input)
         weight = self._quantized_weight()
         if self._batch_statistics():
-            y = self._apply_weight(x, weight, None)
+            y = self._weighted(x, weight, None)
             # y * (1/f) with an autograd node that keeps its output (the batch norm's input, kept
             # by the batch norm anyway) rather than y: one activation-sized tensor less per layer.
             y = torch.ops.qatx._scale_channels(y, torch.reciprocal(self._fold_factor()))
@@ -111,7 +111,7 @@ class _BnFolded:
             y = self._batch_norm_update(y)
         else:
             # Running statistics: the folded layer itself, its bias on the INT8 layer's int32 grid.
-            y = self._apply_weight(x, weight, self._quantized_bias(self._folded_bias()))
+            y = self._weighted(x, weight, self._quantized_bias(self._folded_bias()))
         if self.with_relu:
             y = relu(y)  # keeps a bool mask for the backward, not the output
         return y

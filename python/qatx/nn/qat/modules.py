@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import QConfig
+from ...quantizers import FakeQuantize
 
 __all__ = ["quantize_bias", "bias_codes", "QATModule", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
            "ConvTranspose2d", "ConvTranspose3d", "Embedding"]
@@ -40,6 +41,56 @@ def quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Te
     Gradient: straight-through to ``bias`` (none to the scales)."""
     codes, scale = bias_codes(bias, input_scale, weight_scale)
     return (codes * scale).to(bias.dtype) + (bias - bias.detach())
+
+
+def _codes_dtype(quantizer: nn.Module) -> Optional[torch.dtype]:
+    """The integer dtype that holds the codes of a fixed-qparam per-tensor fake-quantize output
+    (int8 or uint8), or None when the input is not such an output."""
+    if type(quantizer) is not FakeQuantize or not quantizer.fake_quant_enabled or \
+            quantizer.granularity != "per_tensor":
+        return None
+    if -128 <= quantizer.quant_min and quantizer.quant_max <= 127:
+        return torch.int8
+    if 0 <= quantizer.quant_min and quantizer.quant_max <= 255:
+        return torch.uint8
+    return None
+
+
+@torch.jit.unused
+def _saved_tensor_hooks_free() -> bool:
+    """True when saved-tensor hooks may be installed and none are active (activation
+    checkpointing, CPU offloading or the user's own hooks decide what is saved then)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return top is not None and enabled is not None and enabled() and top(False) is None
+
+
+@torch.jit.unused
+def _apply_saving_codes(apply, x: Tensor, weight: Tensor, bias: Optional[Tensor], quantizer: nn.Module,
+                        dtype: torch.dtype) -> Tensor:
+    """``apply(x, weight, bias)`` with ``x`` (a fake-quantize output, exactly ``(q - z) * s``)
+    saved for the backward as its integer codes ``q``: 1 byte per element instead of 4, rebuilt
+    bit for bit (``dequantize(quantize(y)) == y`` for any fake-quantize output ``y``). The
+    scale and zero point are copied, so a later observer update cannot change the rebuilt x."""
+    scale, zero_point = quantizer.scale.detach().clone(), quantizer.zero_point.detach().clone()
+    qmin, qmax = quantizer.quant_min, quantizer.quant_max
+    # x's identity as plain values: autograd keeps the pack hook alive with each saved tensor,
+    # so a hook that referenced x would keep x too.
+    key = (x.data_ptr(), x.dtype, x.shape, x.stride())
+
+    def pack(t: Tensor):
+        if (t.data_ptr(), t.dtype, t.shape, t.stride()) == key:
+            return ("codes", torch.ops.qatx.quantize_per_tensor_affine(t.detach(), scale, zero_point, qmin, qmax,
+                                                                       dtype))
+        return t
+
+    def unpack(saved):
+        if isinstance(saved, tuple):
+            return torch.ops.qatx.dequantize_per_tensor_affine(saved[1], scale, zero_point, None)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return apply(x, weight, bias)
 
 
 class QATModule:
@@ -126,10 +177,24 @@ class QATModule:
         """The float layer with this layer's (shared, unquantized) parameters."""
         return self._make_float(self.weight, getattr(self, "bias", None))
 
+    def _weighted(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """:meth:`_apply_weight`; in an eager training step whose input quantizer is a fixed
+        per-tensor :class:`qatx.FakeQuantize`, the layer keeps its input for the backward as
+        int8/uint8 codes rather than float32 (:func:`_apply_saving_codes`; same gradients, bit
+        for bit). Not under TorchScript or torch.compile, not while other saved-tensor hooks are
+        active (activation checkpointing, offloading), and not for other input dtypes."""
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled() and x.dtype == torch.float32 and (x.requires_grad or weight.requires_grad) \
+                    and not torch.compiler.is_compiling() and _saved_tensor_hooks_free():
+                dtype = _codes_dtype(self.input_quantizer)
+                if dtype is not None:
+                    return _apply_saving_codes(self._apply_weight, x, weight, bias, self.input_quantizer, dtype)
+        return self._apply_weight(x, weight, bias)
+
     def forward(self, input: Tensor) -> Tensor:
         x = self.input_quantizer(input)
         weight = self._quantized_weight()
-        return self._apply_weight(x, weight, self._quantized_bias(self.bias))
+        return self._weighted(x, weight, self._quantized_bias(self.bias))
 
     def extra_repr(self) -> str:
         act = self.qconfig.activation if self._QUANTIZE_INPUT else None
