@@ -194,6 +194,18 @@ def test_layers_keep_their_quantized_input_as_integer_codes(monkeypatch):
     model(x)
     torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False).sum().backward()
     assert len(inputs) == 5  # the plain forward's layers only
+    # Double backward needs the float inputs: a clear error, and the documented way around it.
+    model = qatx.prepare_qat(base, presets.W8A8)
+    model(x)
+    qatx.freeze_bn_stats(qatx.enable_observer(model, False))  # the same function in each forward
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(model(xg).sum(), xg, create_graph=False)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) through a QAT layer"):
+        torch.autograd.grad(model(xg).sum(), xg, create_graph=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y = model(xg)
+    (g2,) = torch.autograd.grad(y.sum(), xg, create_graph=True)
+    assert torch.equal(g, g2.detach()) and g2.requires_grad
     # Codes in int8 when the range fits it, else uint8; none beyond 8 bits or for a learnable
     # (LSQ) input quantizer.
     def codes(**spec):

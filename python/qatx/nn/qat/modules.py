@@ -86,6 +86,11 @@ def _apply_saving_codes(apply, x: Tensor, weight: Tensor, bias: Optional[Tensor]
 
     def unpack(saved):
         if isinstance(saved, tuple):
+            if torch.is_grad_enabled():  # a backward with create_graph=True: the codes have no graph
+                raise RuntimeError(
+                    "double backward (create_graph=True) through a QAT layer that kept its input as integer "
+                    "codes; run the forward inside torch.autograd.graph.saved_tensors_hooks(lambda t: t, "
+                    "lambda t: t) so that the layers keep their float inputs")
             return torch.ops.qatx.dequantize_per_tensor_affine(saved[1], scale, zero_point, None)
         return saved
 
