@@ -84,6 +84,27 @@ QATX_CPU_CLONES void fake_quantize_blocks(const T* x, T* y, uint8_t* mask, int64
   });
 }
 
+// One block of quantize: the float values first (the loop fake_quantize_block also runs), then
+// the NaN check and the conversion as separate loops, each of which GCC vectorizes.
+template <typename T, typename Int, typename QP>
+QATX_ALWAYS_INLINE bool quantize_block(const T* x, Int* out, int64_t n, const QP& qp, float qmin, float qmax,
+                                       Int int_min, Int int_max) {
+  float v[kBlock];
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = math::quantize_value(static_cast<float>(x[j]), qp.inv_scale(j), qp.zero_point(j), qmin, qmax);
+  }
+  int32_t nan = 0;
+  for (int64_t j = 0; j < n; ++j) nan |= v[j] != v[j];
+  if constexpr (sizeof(Int) < sizeof(int32_t)) {
+    // v is an integer in [quant_min, quant_max], which fits Int, or NaN (an error, reported by
+    // the caller): a branch-free conversion.
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<Int>(static_cast<int32_t>(math::select(v[j] == v[j], v[j], qmin)));
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = math::to_quantized_int<Int>(v[j], int_min, int_max);
+  }
+  return nan != 0;
+}
+
 template <typename T, typename Int>
 QATX_CPU_CLONES void quantize_blocks(const T* x, Int* out, int64_t numel, int64_t block_begin, int64_t block_end,
                                      QParamsCpu qp, int64_t quant_min, int64_t quant_max, bool& saw_nan) {
@@ -91,11 +112,7 @@ QATX_CPU_CLONES void quantize_blocks(const T* x, Int* out, int64_t numel, int64_
   const float qmin = static_cast<float>(quant_min), qmax = static_cast<float>(quant_max);
   const Int int_min = static_cast<Int>(quant_min), int_max = static_cast<Int>(quant_max);
   qp.for_each_block(numel, block_begin, block_end, [&](int64_t p0, int64_t n, const auto& q) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float v = math::quantize_value(static_cast<float>(x[p0 + j]), q.inv_scale(j), q.zero_point(j), qmin, qmax);
-      nan |= v != v;
-      out[p0 + j] = math::to_quantized_int<Int>(v, int_min, int_max);
-    }
+    nan |= quantize_block(x + p0, out + p0, n, q, qmin, qmax, int_min, int_max);
   });
   saw_nan = nan;
 }
