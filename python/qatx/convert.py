@@ -59,14 +59,48 @@ def _is_prepared_op(mod: nn.Module) -> bool:
     return isinstance(mod, (QuantAdd, QuantCat, QuantMatmul)) and mod.qconfig is not None
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """Keeps the INT8 layers and ReLUs as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nn.ReLU)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def _fuse_relus(model: nn.Module) -> None:
+    """Gives an INT8 Linear/Conv whose output only feeds a ReLU that ReLU (the op's ``relu``
+    flag, one pass fewer) and makes the ReLU an ``nn.Identity``. Read from the torch.fx graph;
+    a model that does not trace is left as it is."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # data-dependent control flow: no fusion
+        return
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)) or layer.relu or \
+                calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(modules[user.target], nn.ReLU) and calls[user.target] == 1:
+            layer.relu = True
+            _set_module(model, user.target, nn.Identity())
+
+
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The INT8 model of a QAT model prepared by :func:`qatx.prepare_qat` and trained (or calibrated).
 
     Every QAT layer (``qatx.nn.qat``, fused Conv-BN(-ReLU) and Linear-BN folded with the BN's
     running statistics) and every prepared ``QuantAdd`` / ``QuantCat`` / ``QuantMatmul`` is
     replaced by its :mod:`qatx.nn.quantized` module (:data:`CONVERSIONS`); shared modules stay
-    shared. The integer weights are exactly those the weight fake-quantize produced. The result
-    is in eval mode.
+    shared. A ReLU module that alone consumes an INT8 Linear/Conv output (read from the torch.fx
+    graph when the model traces) becomes the layer's fused ReLU and an ``nn.Identity``. The
+    integer weights are exactly those the weight fake-quantize produced. The result is in eval
+    mode.
 
     Raises ``TypeError`` for a non-module, ``ValueError`` when the model has no QAT module
     (call :func:`qatx.prepare_qat` first) or a layer's input quantizer never observed data.
@@ -89,6 +123,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         if name == "":
             return converted[id(mod)].eval()
         _set_module(model, name, converted[id(mod)])
+    _fuse_relus(model)
     return model.eval()
 
 
@@ -139,15 +174,17 @@ def compare(qat_model: nn.Module, int8_model: nn.Module, inputs: Any) -> Table:
     records: Dict[str, Dict[str, List[Tensor]]] = {n: {"ref": [], "out": []} for n in names + [""]}
     hooks = []
 
-    def hook(name: str, key: str):
+    def hook(name: str, key: str, relu: bool = False):
         def fn(_mod, _inp, out):
             t = _first_tensor(out)
             if t is not None:
-                records[name][key].append(t.detach().float().cpu())
+                records[name][key].append((t.detach().relu() if relu else t.detach()).float().cpu())
         return fn
 
     for n in names:
-        hooks.append(qat_layers[n].register_forward_hook(hook(n, "ref")))
+        # A ReLU that convert fused into the INT8 layer is applied to the QAT layer's output too.
+        fused_relu = bool(getattr(int8_layers[n], "relu", False)) and not getattr(qat_layers[n], "with_relu", False)
+        hooks.append(qat_layers[n].register_forward_hook(hook(n, "ref", fused_relu)))
         hooks.append(int8_layers[n].register_forward_hook(hook(n, "out")))
     modes = (qat_model.training, int8_model.training)
     # Observers would move the QAT model's qparams while it is being compared.

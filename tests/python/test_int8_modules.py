@@ -261,6 +261,32 @@ def test_whole_model_parity_and_top1(kind):
     if kind == "cnn":
         assert isinstance(int8.conv1, nnq.Conv2d) and int8.conv1.relu and isinstance(int8.add, nnq.Add)
         assert "relu=True" in repr(int8.conv1)
+    else:  # each ReLU that alone consumes a Linear's output is fused into it
+        linears = [m for m in int8 if isinstance(m, nnq.Linear)]
+        assert [m.relu for m in linears] == [True] * (len(linears) - 1) + [False]
+        assert not any(isinstance(m, nn.ReLU) for m in int8)
+
+
+class _TwoUses(nn.Module):
+    """A Linear whose output feeds a ReLU and the output too: the ReLU must stay separate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.relu, self.out = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.out(self.relu(y)) + y[:, :3]
+
+
+def test_convert_fuses_a_relu_only_when_it_alone_reads_the_layer():
+    torch.manual_seed(0)
+    qat_model = qatx.prepare_qat(_TwoUses(), qatx.presets.W8A8)
+    qat_model(torch.randn(64, 8))
+    int8 = qatx.convert(qat_model)
+    assert not int8.fc.relu and isinstance(int8.relu, nn.ReLU)
+    x = torch.randn(16, 8)
+    assert torch.equal(int8(x), int8.out(int8.relu(int8.fc(x))) + int8.fc(x)[:, :3])
 
 
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
