@@ -22,7 +22,8 @@ Implementations (``impl``):
 * ``qatx_int8_script``: ``torch.jit.freeze(torch.jit.script(int8_model))``;
 * ``onnxruntime_qdq`` (CPU, when onnxruntime is installed): ONNX Runtime with all graph
   optimisations (its QDQ fusion into integer QLinear kernels) on ``qatx.export.onnx`` of the
-  same calibrated QAT model, with as many intra-op threads as torch;
+  same calibrated QAT model, with as many intra-op threads as torch (not spinning between
+  calls, so that they leave the cores to the next implementation timed);
 * more through :func:`register_impl` (for example an ONNX Runtime session on an exported
   model): ``register_impl(name, build)`` with ``build(model_name, float_model, int8_model,
   example_input, device)`` returning ``(run, size_bytes)`` (``run(x)`` computes one batch) or
@@ -102,6 +103,9 @@ def onnxruntime_session(qat: nn.Module, shape):
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # ONNX Runtime's workers spin after each call by default, which would steal the cores
+        # from the implementation timed next in the round-robin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = qatx.export.load_onnx(path, session_options=options)
     name = sess.get_inputs()[0].name
     return (lambda x: sess.run(None, {name: x.numpy()})), size
