@@ -109,6 +109,26 @@ def test_linear_int8_row_counts(m, k):
         assert torch.equal(y, ref_linear(x, s, z, -128, 127, w, sw, zw, bias, True))
 
 
+@pytest.mark.parametrize("m", [1, 100, 250])
+def test_linear_int8_weight_larger_than_l2(m):
+    """A weight whose packed form exceeds half the L2 cache (256 x 601: 308 KB) takes the
+    panel-major loop order: still exact, at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 601, generator=gen)
+    s, z = torch.tensor([0.02]), torch.tensor([7], dtype=torch.int32)
+    w = torch.randint(-128, 128, (256, 601), generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, 256, True, True)
+    bias = torch.randint(-500, 500, (256,), generator=gen, dtype=torch.int32)
+    old = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            y = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, bias, False)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(y, ref_linear(x, s, z, 0, 255, w, sw, zw, bias))
+
+
 @pytest.mark.parametrize("high_fraction", [0.0, 0.02, 0.5, 1.0])
 def test_linear_int8_no_int16_saturation(high_fraction):
     """Large activations meeting large same-sign weights, where a u8*s8 kernel's int16 pair sums

@@ -26,7 +26,8 @@ namespace int16_gemm {
 namespace {
 constexpr int64_t kPanel = 16;  // columns per B panel: two ymm of int32
 constexpr int64_t kTileRows = 6;  // rows per micro-tile: 12 accumulators + 2 B + 1 A + 1 product = 16 ymm
-constexpr int64_t kBlockRows = 192;  // rows of A per work item (a multiple of kTileRows)
+constexpr int64_t kBlockRows = 192;  // rows of A per work item (a multiple of 2 * kTileRows)
+constexpr int64_t kL2Bytes = 512 * 1024;  // per-core L2 of the CPUs this is tuned on (AMD Zen 3)
 }  // namespace
 
 bool supported() {
@@ -170,36 +171,54 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
   TORCH_INTERNAL_ASSERT(segments > 0 && b.kp % (2 * segments) == 0, "int16_gemm: K must split into even runs");
   const int64_t panels = (b.n + kPanel - 1) / kPanel, pairs = b.kp / 2 / segments;
   // Work items: blocks of rows, and when there are fewer blocks than threads, slices of the
-  // panels too. Within an item each 6-row tile meets every panel of its slice while its rows
-  // are in L1; the panels (all of B) stay in L2.
+  // panels too. When all of B fits in L2 (convolutions, small layers), each 6-row tile meets every
+  // panel of the slice while its rows are in L1. A larger B would then stream from L3 once per
+  // tile, so each panel meets every tile of a (smaller) block instead, whose rows stay in L2.
+  const bool panel_outer = static_cast<int64_t>(b.panels.size() * sizeof(int16_t)) > kL2Bytes;
   const int64_t threads = at::get_num_threads();
+  const int64_t max_rows = panel_outer ? kBlockRows / 2 : kBlockRows;
   const int64_t block_rows =
-      std::min<int64_t>(kBlockRows, std::max<int64_t>(kTileRows, (m + threads - 1) / threads + kTileRows - 1) /
-                                        kTileRows * kTileRows);
+      std::min<int64_t>(max_rows, std::max<int64_t>(kTileRows, (m + threads - 1) / threads + kTileRows - 1) /
+                                      kTileRows * kTileRows);
   const int64_t blocks = (m + block_rows - 1) / block_rows;
   const int64_t slices = std::min<int64_t>(panels, std::max<int64_t>(1, threads / blocks));
   const int64_t per_slice = (panels + slices - 1) / slices;
+  const int64_t tile_starts = segments * kTileRows;
   at::parallel_for(0, blocks * slices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const int16_t*> starts(static_cast<size_t>(segments * kTileRows)), row(static_cast<size_t>(segments));
+    // starts[t * tile_starts + s * 6 + i]: run s of row i of the block's tile t.
+    std::vector<const int16_t*> starts(static_cast<size_t>(block_rows / kTileRows * tile_starts));
+    std::vector<const int16_t*> row(static_cast<size_t>(segments));
     alignas(32) int32_t acc[kTileRows * kPanel];
+    int64_t located = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t block = item / slices, slice = item % slices;
       const int64_t first = block * block_rows, rows = std::min(block_rows, m - first);
-      const int64_t p_begin = slice * per_slice, p_end = std::min(panels, (slice + 1) * per_slice);
-      for (int64_t i = 0; i < rows; i += kTileRows) {
-        const int64_t mr = std::min(kTileRows, rows - i);
-        for (int64_t r = 0; r < mr; ++r) {
-          locate(first + i + r, row.data());
-          // A short tile repeats its last row in the unused slots; only mr rows are stored.
-          for (int64_t rr = r; rr < (r + 1 == mr ? kTileRows : r + 1); ++rr) {
-            for (int64_t seg = 0; seg < segments; ++seg) starts[seg * kTileRows + rr] = row[seg];
+      if (block != located) {
+        for (int64_t r = 0; r < rows; ++r) {
+          locate(first + r, row.data());
+          const int64_t t = r / kTileRows, i = r % kTileRows;
+          // A short last tile repeats its last row in the unused slots; only its rows are stored.
+          const int64_t last = r + 1 == rows ? kTileRows : i + 1;
+          for (int64_t ii = i; ii < last; ++ii) {
+            for (int64_t seg = 0; seg < segments; ++seg) starts[t * tile_starts + seg * kTileRows + ii] = row[seg];
           }
         }
+        located = block;
+      }
+      const int64_t p_begin = slice * per_slice, p_end = std::min(panels, (slice + 1) * per_slice);
+      auto multiply = [&](int64_t i, int64_t p) {  // tile at row i of the block, panel p
+        const int64_t mr = std::min(kTileRows, rows - i), col = p * kPanel;
+        (mr == 1 ? tile_row : tile)(starts.data() + i / kTileRows * tile_starts, segments, pairs,
+                                    b.panels.data() + p * (b.kp / 2) * kPanel * 2, acc);
+        store_tile(acc, mr, col, std::min(kPanel, b.n - col), epilogue, y + (first + i) * ldy + col, ldy);
+      };
+      if (panel_outer) {
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t col = p * kPanel, cols = std::min(kPanel, b.n - col);
-          (mr == 1 ? tile_row : tile)(starts.data(), segments, pairs, b.panels.data() + p * (b.kp / 2) * kPanel * 2,
-                                      acc);
-          store_tile(acc, mr, col, cols, epilogue, y + (first + i) * ldy + col, ldy);
+          for (int64_t i = 0; i < rows; i += kTileRows) multiply(i, p);
+        }
+      } else {
+        for (int64_t i = 0; i < rows; i += kTileRows) {
+          for (int64_t p = p_begin; p < p_end; ++p) multiply(i, p);
         }
       }
     }

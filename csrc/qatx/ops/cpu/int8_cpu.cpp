@@ -133,10 +133,15 @@ EpilogueTerms epilogue_terms(float s_in, const at::Tensor& weight_scale, const s
   return e;
 }
 
-// Scratch for the centered activations; zeroed only when it has padding entries.
-at::Tensor int16_buffer(int64_t n, bool zeroed) {
-  const auto options = at::TensorOptions().dtype(at::kShort);
-  return zeroed ? at::zeros({n}, options) : at::empty({n}, options);
+// Scratch for the centered activations, n int16 (contents unspecified). Kept per calling thread
+// up to 32 MB, so that inference does not map and fault in fresh pages on every call; larger
+// requests get a buffer of their own (owner) that is freed on return.
+int16_t* int16_scratch(int64_t n, std::vector<int16_t>& owner) {
+  constexpr int64_t kKeptElements = (int64_t{32} << 20) / sizeof(int16_t);
+  thread_local std::vector<int16_t> kept;
+  std::vector<int16_t>& buffer = n <= kKeptElements ? kept : owner;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
 }
 
 void check_no_nan(bool ok, const char* op) {
@@ -160,12 +165,13 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   // Rows of b.kp int16 (an odd K gets a zero column).
   const float* xp = x.const_data_ptr<float>();
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
-  const at::Tensor a_buffer = int16_buffer(m * b.kp, b.kp != k);
-  int16_t* a = a_buffer.mutable_data_ptr<int16_t>();
+  std::vector<int16_t> owner;
+  int16_t* a = int16_scratch(m * b.kp, owner);
   std::atomic<bool> ok{true};
   at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (!quantize(xp + r * k, a + r * b.kp, k)) ok = false;
+      if (b.kp != k) a[r * b.kp + k] = 0;  // the zero column of an odd K
     }
   });
   check_no_nan(ok, op);
@@ -220,9 +226,8 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   const at::Tensor x = input.permute(perm).contiguous();
   const float* xp = x.const_data_ptr<float>();
   const int64_t pixels = x.numel() / c_in;
-  // Uninitialized unless there are padding channels to keep at zero.
-  const at::Tensor xq_buffer = int16_buffer(pixels * c_stride, cgp != cg);
-  int16_t* xq = xq_buffer.mutable_data_ptr<int16_t>();
+  std::vector<int16_t> owner;
+  int16_t* xq = int16_scratch(pixels * c_stride, owner);
   const std::vector<int16_t> zeros(static_cast<size_t>(cgp), 0);
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
@@ -234,6 +239,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     for (int64_t px = begin; px < end; ++px) {
       for (int64_t g = 0; g < groups; ++g) {
         if (!quantize(xp + px * c_in + g * cg, xq + px * c_stride + g * cgp, cg)) ok = false;
+        xq[px * c_stride + g * cgp + cg] = 0;  // the group's padding channel
       }
     }
   });
