@@ -89,44 +89,35 @@ def test_linear_int8_matches_integer_reference(device, per_channel, asym, irange
                                                   None if b is None else b.cpu(), relu), device)
 
 
+def _check_linear_exact_at_1_and_2_threads(m, k, n, z, qrange, relu, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    s, z = torch.tensor([0.02]), torch.tensor([z], dtype=torch.int32)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, n, True, True)
+    bias = torch.randint(-500, 500, (n,), generator=gen, dtype=torch.int32)
+    old = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            y = qatx.linear_int8(x, s, z, *qrange, w, sw, zw, bias, relu)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(y, ref_linear(x, s, z, *qrange, w, sw, zw, bias, relu))
+
+
 @pytest.mark.parametrize("m", [1, 7, 13])
 @pytest.mark.parametrize("k", [5, 70])
 def test_linear_int8_row_counts(m, k):
     """A single row (its own kernel), a lone last row after full tiles, and odd K (a zero column)."""
-    gen = torch.Generator().manual_seed(m * 100 + k)
-    x = torch.randn(m, k, generator=gen)
-    s, z = torch.tensor([0.02]), torch.tensor([-3], dtype=torch.int32)
-    w = torch.randint(-128, 128, (20, k), generator=gen, dtype=torch.int8)
-    sw, zw = qparams(gen, 20, True, True)
-    bias = torch.randint(-500, 500, (20,), generator=gen, dtype=torch.int32)
-    old = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            y = qatx.linear_int8(x, s, z, -128, 127, w, sw, zw, bias, True)
-        finally:
-            torch.set_num_threads(old)
-        assert torch.equal(y, ref_linear(x, s, z, -128, 127, w, sw, zw, bias, True))
+    _check_linear_exact_at_1_and_2_threads(m, k, 20, -3, (-128, 127), True, m * 100 + k)
 
 
 @pytest.mark.parametrize("m", [1, 100, 250])
 def test_linear_int8_weight_larger_than_l2(m):
-    """A weight whose packed form exceeds half the L2 cache (256 x 601: 308 KB) takes the
+    """A weight whose packed form exceeds the L2 cache (512 x 601: 616 KB packed) takes the
     panel-major loop order: still exact, at 1 and 2 threads."""
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 601, generator=gen)
-    s, z = torch.tensor([0.02]), torch.tensor([7], dtype=torch.int32)
-    w = torch.randint(-128, 128, (256, 601), generator=gen, dtype=torch.int8)
-    sw, zw = qparams(gen, 256, True, True)
-    bias = torch.randint(-500, 500, (256,), generator=gen, dtype=torch.int32)
-    old = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            y = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, bias, False)
-        finally:
-            torch.set_num_threads(old)
-        assert torch.equal(y, ref_linear(x, s, z, 0, 255, w, sw, zw, bias))
+    _check_linear_exact_at_1_and_2_threads(m, 601, 512, 7, (0, 255), False, m)
 
 
 @pytest.mark.parametrize("high_fraction", [0.0, 0.02, 0.5, 1.0])
