@@ -188,6 +188,14 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
 // even number of channels (cgp = C/G rounded up), so the input is stored with cgp channels per
 // group and the weight rows with cgp entries per tap (the extra channel is 0).
 
+// [0, 2, ..., spatial + 1, 1]: a [N, C, *spatial] tensor (or weight [OC, C/G, *k]) channels last.
+std::vector<int64_t> channels_last_order(int64_t spatial) {
+  std::vector<int64_t> order = {0};
+  for (int64_t i = 0; i < spatial; ++i) order.push_back(2 + i);
+  order.push_back(1);
+  return order;
+}
+
 template <int D>
 at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, int64_t quant_min, int64_t quant_max,
                              const at::Tensor& weight, const at::Tensor& weight_scale,
@@ -198,10 +206,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   const int64_t taps = weight.numel() / (c_out * cg);
   const auto packed = cache().get(weight, weight_zero_point, groups, /*kind=*/D, [&] {
     // [OC, C/G, *k] -> [OC, *k, C/G] (each output channel's window in tap-major order), padded.
-    std::vector<int64_t> perm = {0};
-    for (int64_t i = 0; i < D; ++i) perm.push_back(2 + i);
-    perm.push_back(1);
-    const at::Tensor rows = weight.permute(perm).contiguous().reshape({c_out, taps, cg});
+    const at::Tensor rows = weight.permute(channels_last_order(D)).contiguous().reshape({c_out, taps, cg});
     return at::constant_pad_nd(rows, {0, cgp - cg}).reshape({c_out, taps * cgp});
   });
   if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
@@ -220,10 +225,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   at::Tensor out = int8::empty_conv_output(geo, false, input.options());
   if (rows == 0) return out;
 
-  std::vector<int64_t> perm = {0};  // channels-last: [N, *spatial, C]
-  for (int64_t i = 0; i < D; ++i) perm.push_back(2 + i);
-  perm.push_back(1);
-  const at::Tensor x = input.permute(perm).contiguous();
+  const at::Tensor x = input.permute(channels_last_order(D)).contiguous();
   const float* xp = x.const_data_ptr<float>();
   const int64_t pixels = x.numel() / c_in;
   std::vector<int16_t> owner;
