@@ -67,10 +67,10 @@ __all__ += ["prepare_ptq", "calibrate", "set_activation_ranges", "transfer_qpara
 
 # INT8 inference: convert, parity report, size, dynamic quantization.
 from .convert import compare, convert, model_size, quantize_dynamic  # noqa: E402
-from .ops import convolution_int8, linear_int8, linear_int8_dynamic  # noqa: E402
+from .ops import add_int8, convolution_int8, linear_int8, linear_int8_dynamic  # noqa: E402
 
 __all__ += ["convert", "compare", "model_size", "quantize_dynamic", "linear_int8", "convolution_int8",
-            "linear_int8_dynamic"]
+            "linear_int8_dynamic", "add_int8"]
 __all__ += ["save_checkpoint", "load_checkpoint"]
 
 # ---- export: TorchScript, ONNX (QDQ), torch.export programs ----

@@ -59,16 +59,19 @@ def _is_prepared_op(mod: nn.Module) -> bool:
     return isinstance(mod, (QuantAdd, QuantCat, QuantMatmul)) and mod.qconfig is not None
 
 
+# INT8 modules whose op applies a ReLU to its output itself (a ``relu`` flag).
+_RELU_FUSABLE = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Add)
+
+
 class _LayerTracer(torch.fx.Tracer):
-    """Keeps the INT8 layers and ReLUs as single call_module nodes."""
+    """Keeps the INT8 layers, adds and ReLUs as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nn.ReLU)) or \
-            super().is_leaf_module(m, qualname)
+        return type(m) in _RELU_FUSABLE or isinstance(m, nn.ReLU) or super().is_leaf_module(m, qualname)
 
 
 def _fuse_relus(model: nn.Module) -> None:
-    """Gives an INT8 Linear/Conv whose output only feeds a ReLU that ReLU (the op's ``relu``
+    """Gives an INT8 Linear/Conv/Add whose output only feeds a ReLU that ReLU (the op's ``relu``
     flag, one pass fewer) and makes the ReLU an ``nn.Identity``. Read from the torch.fx graph;
     a model that does not trace is left as it is."""
     try:
@@ -82,7 +85,7 @@ def _fuse_relus(model: nn.Module) -> None:
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)) or layer.relu or \
+        if type(layer) not in _RELU_FUSABLE or layer.relu or \
                 calls[node.target] != 1 or len(node.users) != 1:
             continue
         user = next(iter(node.users))
@@ -97,8 +100,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     Every QAT layer (``qatx.nn.qat``, fused Conv-BN(-ReLU) and Linear-BN folded with the BN's
     running statistics) and every prepared ``QuantAdd`` / ``QuantCat`` / ``QuantMatmul`` is
     replaced by its :mod:`qatx.nn.quantized` module (:data:`CONVERSIONS`); shared modules stay
-    shared. A ReLU module that alone consumes an INT8 Linear/Conv output (read from the torch.fx
-    graph when the model traces) becomes the layer's fused ReLU and an ``nn.Identity``. The
+    shared. A ReLU module that alone consumes an INT8 Linear/Conv/Add output (read from the
+    torch.fx graph when the model traces) becomes that module's fused ReLU and an ``nn.Identity``. The
     integer weights are exactly those the weight fake-quantize produced. The result is in eval
     mode.
 

@@ -62,6 +62,7 @@ __all__ = [
     "linear_int8",
     "convolution_int8",
     "linear_int8_dynamic",
+    "add_int8",
 ]
 
 
@@ -282,3 +283,23 @@ def linear_int8_dynamic(input: Tensor, weight: Tensor, weight_scale: Tensor, wei
     ``bias``. Weight qparams per tensor or per output channel. Non-finite input is an error (CPU).
     """
     return torch.ops.qatx.linear_int8_dynamic(input, weight, weight_scale, weight_zero_point, bias, per_row)
+
+
+def add_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int, input_quant_max: int,
+             other: Tensor, other_scale: Tensor, other_zero_point: Tensor, other_quant_min: int, other_quant_max: int,
+             relu: bool = False) -> Tensor:
+    r"""INT8 add (a converted :class:`qatx.nn.QuantAdd`): each float32 input quantized per tensor
+    to its own grid of at most 8 bits inside ``[-128, 255]``, dequantized, and summed in float32:
+
+    .. math::
+
+        y = (q_x - z_x)\, s_x + (q_y - z_y)\, s_y, \qquad
+        q = \mathrm{clamp}(\mathrm{rint}(v \cdot (1/s)) + z,\ q_{min},\ q_{max})
+
+    then ``max(y, 0)`` when ``relu`` (NaN stays NaN). One pass over both inputs, bit-identical to
+    ``fake_quantize_per_tensor_affine(input, ...) + fake_quantize_per_tensor_affine(other, ...)``
+    (then ``torch.relu``). ``other`` must have ``input``'s shape and device (no broadcasting); the
+    output has ``input``'s memory layout (channels-last stays channels-last). Not differentiable.
+    """
+    return torch.ops.qatx.add_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max, other,
+                                   other_scale, other_zero_point, other_quant_min, other_quant_max, relu)

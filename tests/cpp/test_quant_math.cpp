@@ -608,6 +608,23 @@ TEST(ObservedRange, QParamFormulas) {
   EXPECT_EQ(q.zero_point, -8);
 }
 
+TEST(AddInt8, EachOperandOnItsGridThenOneFloatSum) {
+  const TensorGrid gx{0.25f, 4.0f, 10.0f, 0.0f, 255.0f};    // uint8, zero point 10
+  const TensorGrid gy{0.5f, 2.0f, 0.0f, -128.0f, 127.0f};   // int8
+  // 1.1 -> rint(4.4) = 4 -> 1.0; -0.74 -> rint(-1.48) = -1 -> -0.5.
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(1.1f, gx, -0.74f, gy, false), 0.5f);
+  // Ties round to even: 0.375 * 4 = 1.5 -> 2 -> 0.5; 0.25 * 2 = 0.5 -> 0 -> 0.
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(0.375f, gx, 0.25f, gy, false), 0.5f);
+  // Clamped: x below (0 - 10) * 0.25 = -2.5 and y above 127 * 0.5 = 63.5.
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(-100.0f, gx, 1e30f, gy, false), -2.5f + 63.5f);
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(-kInf, gx, -kInf, gy, false), -2.5f - 64.0f);
+  // ReLU: negative sums become +0, positive ones pass, NaN stays NaN (as torch.relu).
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(-1.0f, gx, -1.0f, gy, true), 0.0f);
+  EXPECT_FLOAT_BITS_EQ(add_int8_value(1.0f, gx, 1.0f, gy, true), 2.0f);
+  EXPECT_TRUE(std::isnan(add_int8_value(kNaN, gx, 1.0f, gy, true)));
+  EXPECT_TRUE(std::isnan(add_int8_value(1.0f, gx, kNaN, gy, false)));
+}
+
 TEST(Constants, QuantRange) {
   EXPECT_EQ(kQuantRangeLowest, std::numeric_limits<int16_t>::lowest());
   EXPECT_EQ(kQuantRangeHighest, std::numeric_limits<int16_t>::max());

@@ -35,13 +35,14 @@ class SmallCNN(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.conv = nn.Conv2d(8, 8, 3, padding=1)
         self.add = qatx.nn.QuantAdd()
+        self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=transpose_groups)
         self.head = nn.Linear(4 * 8 * 8, 10)
 
     def forward(self, x):
         y = self.stem(x)
-        y = torch.relu(self.add(y, self.conv(y)))
+        y = self.relu(self.add(y, self.conv(y)))
         y = self.up(self.pool(y))
         return self.head(y.flatten(1))
 
@@ -439,6 +440,13 @@ def test_onnx_of_a_converted_int8_model(tmp_path, name):
     biases = [inits[by_output[n.input[2]].input[0]] for n in convs]
     for layer, w, b in zip((int8.stem[0], int8.conv, int8.up), codes, biases):
         assert torch.equal(w, layer.conv_weight()) and torch.equal(b, layer.bias)
+    # The add (one qatx.add_int8 with the ReLU fused) is Add(DQ(Q(y)), DQ(Q(conv))) then Relu; the
+    # stem's fused ReLU is the other Relu.
+    assert int8.add.relu and isinstance(int8.relu, nn.Identity)
+    (add,) = [n for n in proto.graph.node if n.op_type == "Add"]
+    assert [by_output[i].op_type for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+    relus = [n for n in proto.graph.node if n.op_type == "Relu"]
+    assert len(relus) == 2 and add.output[0] in {i for n in relus for i in n.input}
     # A weight-only (per-group) Linear: float input and bias, blocked DequantizeLinear weights.
     xm = torch.randn(8, 32)
     mlp_int8 = qatx.convert(trained(mlp(), presets.W4_WEIGHT_ONLY, xm).eval())

@@ -289,6 +289,46 @@ def test_convert_fuses_a_relu_only_when_it_alone_reads_the_layer():
     assert torch.equal(int8(x), int8.out(int8.relu(int8.fc(x))) + int8.fc(x)[:, :3])
 
 
+class _Residual(nn.Module):
+    """Two residual adds followed by ReLU modules: the first sum feeds only its ReLU (fused by
+    convert), the second sum also feeds the output (its ReLU stays a module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.add, self.relu = qatx.nn.QuantAdd(), nn.ReLU()
+        self.add2, self.relu2 = qatx.nn.QuantAdd(), nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.add(self.conv(x), x))
+        z = self.add2(y, x)
+        return self.relu2(z) + z
+
+
+def test_convert_fuses_the_relu_after_an_add_into_one_add_int8():
+    torch.manual_seed(0)
+    qat_model = calibrate(qatx.prepare_qat(_Residual(), qatx.presets.W8A8), lambda: (torch.randn(8, 4, 6, 6),))
+    int8 = qatx.convert(qat_model)
+    assert int8.add.relu and isinstance(int8.relu, nn.Identity) and "relu=True" in repr(int8.add)
+    assert not int8.add2.relu and isinstance(int8.relu2, nn.ReLU)
+    x = torch.randn(5, 4, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        # The fused op gives the bits of the three ops it replaces.
+        a, b = int8.conv(x), x
+        unfused = torch.relu(int8.add.input_quant(a) + int8.add.other_quant(b))
+        assert torch.equal(int8.add(a, b), unfused)
+        # Operands of different shapes (broadcast) take the unfused path, as the QAT op computes.
+        assert torch.equal(int8.add(a, b[:1]), torch.relu(qat_model.add(a, b[:1])))
+        y = int8(x)
+        assert_within_one_step(y, qat_model(x))
+        # TorchScript, torch.compile and torch.export run the same op.
+        assert torch.equal(torch.jit.script(int8)(x), y)
+        assert torch.equal(torch.compile(int8, fullgraph=True, backend="eager")(x), y)
+        assert torch.equal(torch.export.export(int8, (x,)).module()(x), y)
+    rows = {r["layer"]: r for r in qatx.compare(qat_model, int8, [x]).rows}
+    assert rows["add"]["max_err_lsb"] <= 1.0 and rows["(model output)"]["max_err_lsb"] <= 1.0
+
+
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_concurrent_inference_from_four_threads_matches_serial(kind):
     """One converted model shared by 4 threads (eager and TorchScript), started together on a

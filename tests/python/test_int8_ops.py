@@ -1,4 +1,4 @@
-"""The INT8 ops (linear_int8, convolution_int8, linear_int8_dynamic): exact integer sums against an
+"""The INT8 ops (linear_int8, convolution_int8, linear_int8_dynamic, add_int8): exact integer sums against an
 obviously-right int64 reference, extreme values that would saturate u8*s8 kernels, the CPU's int16
 route (grouped and odd channel counts, several panels, the fallback when an int32 sum could
 overflow) and the reference route (per-group, transposed), layouts, opcheck, and every documented
@@ -306,10 +306,12 @@ def _opcheck_cases():
          (xc, s, z, 0, 255, wt, sw[:3], zw[:3], None, [2, 2], [1, 1], [1, 1], True, [1, 1], 1, False)),
         (torch.ops.qatx.linear_int8_dynamic.default, (x, w, sw, zw, None, False)),
         (torch.ops.qatx.linear_int8_dynamic.default, (x, w, sw, zw, torch.randn(12, generator=gen), True)),
+        (torch.ops.qatx.add_int8.default, (xc, s, z, 0, 255, xc.flip(0), torch.tensor([0.03]),
+                                           torch.tensor([-3], dtype=torch.int32), -128, 127, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)
@@ -354,6 +356,95 @@ def test_errors():
     with pytest.raises(RuntimeError, match="empty"):
         conv(xc, s, z, 0, 255, torch.randint(-5, 5, (6, 4, 7, 7), dtype=torch.int8), sc, zc, None, [1, 1], [0, 0],
              [1, 1], False, [0, 0], 1)
+
+
+def ref_add(x, sx, zx, xmin, xmax, y, sy, zy, ymin, ymax, relu):
+    """The three ops add_int8 replaces."""
+    out = qatx.fake_quantize_per_tensor_affine(x, sx, zx, xmin, xmax) + \
+        qatx.fake_quantize_per_tensor_affine(y, sy, zy, ymin, ymax)
+    return torch.relu(out) if relu else out
+
+
+def assert_equal_with_nan(a, b):
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("ranges", [((0, 255), (0, 255)), ((-128, 127), (0, 255)), ((-8, 7), (-127, 127))])
+@pytest.mark.parametrize("layouts", ["contiguous", "channels_last", "mixed", "strided"])
+def test_add_int8_equals_fake_quantize_add_relu(device, relu, ranges, layouts):
+    gen = torch.Generator().manual_seed(7)
+    (xmin, xmax), (ymin, ymax) = ranges
+    shape = (3, 5, 7, 9)  # 945 elements: not a multiple of any vector width
+    x = torch.randn(shape, generator=gen) * 4
+    y = torch.randn(shape, generator=gen) * 4
+    # NaN, infinities, values far outside both ranges and exact half-steps (ties round to even).
+    x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.125])
+    y.view(-1)[6:9] = torch.tensor([float("nan"), 0.25, -0.375])
+    if layouts in ("channels_last", "mixed"):
+        x = x.to(memory_format=torch.channels_last)
+    if layouts == "channels_last":
+        y = y.to(memory_format=torch.channels_last)
+    if layouts == "strided":
+        x, y = x.transpose(1, 3), y.transpose(1, 3)[..., :1].expand(3, 9, 7, 5)  # y not dense
+    sx, zx = torch.tensor([0.25]), torch.tensor([xmin + (xmax - xmin) // 3], dtype=torch.int32)
+    sy, zy = torch.tensor([0.125], dtype=torch.float64), torch.tensor([ymax - 1], dtype=torch.int64)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t
+            for t in (x, sx, zx, xmin, xmax, y, sy, zy, ymin, ymax, relu)]
+    for threads in (1, 2):
+        with _threads(threads):
+            out = qatx.add_int8(*args)
+        assert_equal_with_nan(out.cpu(), ref_add(x, sx, zx, xmin, xmax, y, sy, zy, ymin, ymax, relu))
+    assert out.stride() == x.stride()  # the output keeps the input's (dense) layout
+    if relu:
+        assert not (out < 0).any()
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def test_add_int8_large_parallel_and_empty():
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 64, 33, 33, generator=gen), torch.randn(2, 64, 33, 33, generator=gen)
+    s, z = torch.tensor([0.04]), torch.tensor([128], dtype=torch.int32)
+    assert torch.equal(qatx.add_int8(x, s, z, 0, 255, y, s, z, 0, 255, True), ref_add(x, s, z, 0, 255, y, s, z, 0, 255, True))
+    e = torch.empty(0, 3)
+    assert qatx.add_int8(e, s, z, 0, 255, e, s, z, 0, 255).shape == (0, 3)
+    fn = torch.jit.script(qatx.ops.add_int8)
+    assert torch.equal(fn(x, s, z, 0, 255, y, s, z, 0, 255, False), ref_add(x, s, z, 0, 255, y, s, z, 0, 255, False))
+
+
+def test_add_int8_errors():
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    op = qatx.add_int8
+    with pytest.raises(RuntimeError, match="other must have input's shape"):
+        op(x, s, z, 0, 255, y[:, :4], s, z, 0, 255)
+    with pytest.raises(RuntimeError, match="other must be torch.float32"):
+        op(x, s, z, 0, 255, y.half(), s, z, 0, 255)
+    with pytest.raises(RuntimeError, match="input must be torch.float32"):
+        op(x.double(), s, z, 0, 255, y, s, z, 0, 255)
+    with pytest.raises(RuntimeError, match="other_quant_min=0 and other_quant_max=511 must describe at most 8 bits"):
+        op(x, s, z, 0, 255, y, s, z, 0, 511)
+    with pytest.raises(RuntimeError, match="other_scale must be a floating tensor with one element"):
+        op(x, s, z, 0, 255, y, torch.ones(2), z, 0, 255)
+    with pytest.raises(RuntimeError, match="input_zero_point must be an integer tensor"):
+        op(x, s, s, 0, 255, y, s, z, 0, 255)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(x, s, z, 0, 255, y, torch.tensor([0.0]), z, 0, 255)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        op(x, s, z, 0, 255, y, s, torch.tensor([-1], dtype=torch.int32), 0, 255)
 
 
 @pytest.mark.cuda

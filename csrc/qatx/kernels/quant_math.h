@@ -129,6 +129,23 @@ QATX_HOST_DEVICE Int to_quantized_int(float q, Int quant_min, Int quant_max) {
   return v < quant_min ? quant_min : (v > quant_max ? quant_max : v);
 }
 
+// The per-tensor grid of one operand of the INT8 add: scale, 1/scale, zero point and range.
+struct TensorGrid {
+  float scale, inv_scale, zero_point, quant_min, quant_max;
+};
+
+// One element of the INT8 add: the fake-quantize forward of x on gx plus that of y on gy,
+// summed in float32 (one rounding), then max(sum, 0) when relu (NaN stays NaN, as torch.relu).
+// Branch-free so that the CPU loop vectorizes.
+QATX_HOST_DEVICE float add_int8_value(float x, const TensorGrid& gx, float y, const TensorGrid& gy, bool relu) {
+  const float a = dequantize_value(quantize_value(x, gx.inv_scale, gx.zero_point, gx.quant_min, gx.quant_max),
+                                   gx.scale, gx.zero_point);
+  const float b = dequantize_value(quantize_value(y, gy.inv_scale, gy.zero_point, gy.quant_min, gy.quant_max),
+                                   gy.scale, gy.zero_point);
+  const float sum = a + b;
+  return select(relu & (sum < 0.0f), 0.0f, sum);
+}
+
 // Packs eight 0/1 flags (flag j -> bit j) into one byte: the STE mask keeps one bit per
 // element instead of one byte. The multiply gathers bit 0 of each byte into the top byte.
 QATX_HOST_DEVICE uint8_t pack_bits8(const uint8_t flags[8]) {

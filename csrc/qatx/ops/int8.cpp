@@ -31,6 +31,13 @@ T linear_int8_dynamic(CT input, CT weight, CT weight_scale, CT weight_zero_point
                 bias, per_row);
 }
 
+T add_int8(CT input, CT input_scale, CT input_zero_point, int64_t input_quant_min, int64_t input_quant_max, CT other,
+           CT other_scale, CT other_zero_point, int64_t other_quant_min, int64_t other_quant_max, bool relu) {
+  QATX_DISPATCH("add_int8", T(CT, CT, CT, int64_t, int64_t, CT, CT, CT, int64_t, int64_t, bool), input, input_scale,
+                input_zero_point, input_quant_min, input_quant_max, other, other_scale, other_zero_point,
+                other_quant_min, other_quant_max, relu);
+}
+
 #undef QATX_DISPATCH
 
 }  // namespace ops

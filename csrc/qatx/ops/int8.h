@@ -24,5 +24,10 @@ at::Tensor linear_int8_dynamic(const at::Tensor& input, const at::Tensor& weight
                                const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias = std::nullopt,
                                bool per_row = false);
 
+at::Tensor add_int8(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
+                    int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& other,
+                    const at::Tensor& other_scale, const at::Tensor& other_zero_point, int64_t other_quant_min,
+                    int64_t other_quant_max, bool relu = false);
+
 }  // namespace ops
 }  // namespace qatx

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <string>
 
 #include "qatx/kernels/quant_math.h"
 #include "qatx/ops/affine.h"
@@ -18,20 +19,27 @@ static void check_device(const at::Tensor& input, const at::Tensor& t, const cha
 }
 
 void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                         int64_t quant_min, int64_t quant_max, bool values, const char* op) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be torch.float32, got ", input.scalar_type());
-  check_device(input, scale, "input_scale", op);
-  check_device(input, zero_point, "input_zero_point", op);
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && scale.sym_numel() == 1, op,
-              ": input_scale must be a floating tensor with one element (per-tensor), got dtype ",
-              scale.scalar_type(), " and shape ", scale.sizes());
-  TORCH_CHECK(at::isIntegralType(zero_point.scalar_type(), false) && zero_point.sym_numel() == 1, op,
-              ": input_zero_point must be an integer tensor with one element (per-tensor), got dtype ",
+                         int64_t quant_min, int64_t quant_max, bool values, const char* op, const char* name) {
+  const std::string n = name;
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": ", n, " must be torch.float32, got ", input.scalar_type());
+  check_device(input, scale, (n + "_scale").c_str(), op);
+  check_device(input, zero_point, (n + "_zero_point").c_str(), op);
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && scale.sym_numel() == 1, op, ": ", n,
+              "_scale must be a floating tensor with one element (per-tensor), got dtype ", scale.scalar_type(),
+              " and shape ", scale.sizes());
+  TORCH_CHECK(at::isIntegralType(zero_point.scalar_type(), false) && zero_point.sym_numel() == 1, op, ": ", n,
+              "_zero_point must be an integer tensor with one element (per-tensor), got dtype ",
               zero_point.scalar_type(), " and shape ", zero_point.sizes());
   TORCH_CHECK(quant_min >= -128 && quant_max <= 255 && quant_min < quant_max && quant_max - quant_min <= 255, op,
-              ": input_quant_min=", quant_min, " and input_quant_max=", quant_max,
+              ": ", n, "_quant_min=", quant_min, " and ", n, "_quant_max=", quant_max,
               " must describe at most 8 bits (quant_max - quant_min <= 255) inside [-128, 255]");
   if (values) check_qparam_values_cpu(scale, zero_point, quant_min, quant_max, true, op);
+}
+
+void check_add(const at::Tensor& input, const at::Tensor& other, const char* op) {
+  check_device(input, other, "other", op);
+  TORCH_CHECK(other.sym_sizes() == input.sym_sizes(), op, ": other must have input's shape ", input.sym_sizes(),
+              ", got ", other.sym_sizes());
 }
 
 WeightQParams check_weight(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,

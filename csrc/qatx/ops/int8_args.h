@@ -1,5 +1,5 @@
 // Argument checks, output shapes and the exact reference computation of the INT8 ops
-// (linear_int8, linear_int8_dynamic, convolution_int8). The CPU, CUDA and Meta kernels share
+// (linear_int8, linear_int8_dynamic, convolution_int8, add_int8). The CPU, CUDA and Meta kernels share
 // the checks and shapes; the reference computation is the CUDA route for convolutions and the
 // CPU route for what the int16 GEMM does not serve. Formulas and errors: docs/ops.md.
 #pragma once
@@ -15,9 +15,13 @@ namespace int8 {
 
 // The per-tensor input qparams of a static op, checked: float scale and integer zero point with
 // one element each, quant range of at most 8 bits (quant_max - quant_min <= 255) inside
-// [-128, 255]. values: also the values (scale valid, zero point in range) on the host.
+// [-128, 255]. values: also the values (scale valid, zero point in range) on the host. `name`:
+// the argument's name in the messages (its qparams are name_scale, name_zero_point, ...).
 void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                         int64_t quant_min, int64_t quant_max, bool values, const char* op);
+                         int64_t quant_min, int64_t quant_max, bool values, const char* op,
+                         const char* name = "input");
+// add_int8: `other` has input's shape and device (both float32, checked with their qparams).
+void check_add(const at::Tensor& input, const at::Tensor& other, const char* op);
 
 // How the weight's scales are laid out: one scale, one per output channel, or per group of
 // group_size consecutive input features (linear only; [N, K / group_size]).

@@ -2,10 +2,12 @@
 // allocates the same output; only `compute` differs. A backend provides
 //   static constexpr bool kChecksValuesOnHost;
 //   static at::Tensor linear(...), convolution(...), linear_dynamic(...)   (the computation)
+//   static void add(input, ..., other, ..., relu, out)                    (writes out)
 #pragma once
 
 #include <torch/library.h>
 
+#include "qatx/ops/affine_args.h"
 #include "qatx/ops/int8_args.h"
 
 namespace qatx {
@@ -57,10 +59,27 @@ struct Int8Kernels {
     return Backend::linear_dynamic(input, weight, weight_scale, weight_zero_point, bias, per_row);
   }
 
+  static at::Tensor add_int8(const at::Tensor& input, const at::Tensor& input_scale,
+                             const at::Tensor& input_zero_point, int64_t input_quant_min, int64_t input_quant_max,
+                             const at::Tensor& other, const at::Tensor& other_scale, const at::Tensor& other_zero_point,
+                             int64_t other_quant_min, int64_t other_quant_max, bool relu) {
+    constexpr const char* op = "qatx::add_int8";
+    int8::check_input_qparams(input, input_scale, input_zero_point, input_quant_min, input_quant_max,
+                              Backend::kChecksValuesOnHost, op);
+    int8::check_input_qparams(other, other_scale, other_zero_point, other_quant_min, other_quant_max,
+                              Backend::kChecksValuesOnHost, op, "other");
+    int8::check_add(input, other, op);
+    at::Tensor out = empty_output_like(input, Granularity::per_tensor(), at::kFloat);
+    Backend::add(input, input_scale, input_zero_point, input_quant_min, input_quant_max, other, other_scale,
+                 other_zero_point, other_quant_min, other_quant_max, relu, out);
+    return out;
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("linear_int8", &linear_int8);
     m.impl("convolution_int8", &convolution_int8);
     m.impl("linear_int8_dynamic", &linear_int8_dynamic);
+    m.impl("add_int8", &add_int8);
   }
 };
 

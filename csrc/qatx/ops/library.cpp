@@ -74,4 +74,7 @@ TORCH_LIBRARY(qatx, m) {
   // Dynamic: the input's uint8 qparams come from each call's range (whole input or per row);
   // y = acc[r, c] * s_in[r] * s_w[c] + bias[c] with a float32 bias.
   m.def("linear_int8_dynamic(Tensor input, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool per_row=False) -> Tensor");
+  // y = fq(input) + fq(other), ReLU when relu: each input quantized to its own 8-bit grid and dequantized,
+  // then summed in float32 (a converted quantized add).
+  m.def("add_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor other, Tensor other_scale, Tensor other_zero_point, int other_quant_min, int other_quant_max, bool relu=False) -> Tensor");
 }

@@ -13,6 +13,7 @@ qatx op                                     ONNX
 ``fake_quantize_per_group_affine``          the same with ``axis=-1, block_size`` (opset >= 21)
 ``dequantize_per_{tensor,channel}_affine``  ``DequantizeLinear`` of the integer initializer
 ``dequantize_per_group_affine``             ``DequantizeLinear`` with ``block_size`` (opset >= 21)
+``add_int8``                                ``Add`` of two Q/DQ pairs, then ``Relu`` when fused
 ==========================================  =================================================
 
 The integer type is the narrowest holding ``[quant_min, quant_max]``: uint8, int8, or
@@ -101,6 +102,12 @@ def _translations(opset: int):
         _need_blocked()
         return op.DequantizeLinear(codes, scale, op18.CastLike(zero_point, codes), axis=-1, block_size=group_size)
 
+    def add_int8(x, x_scale, x_zero_point, x_min: int, x_max: int, y, y_scale, y_zero_point, y_min: int,
+                 y_max: int, relu: bool = False):
+        out = op18.Add(fq_per_tensor(x, x_scale, x_zero_point, x_min, x_max),
+                       fq_per_tensor(y, y_scale, y_zero_point, y_min, y_max))
+        return op18.Relu(out) if relu else out
+
     ops = torch.ops.qatx
     return {
         ops.fake_quantize_per_tensor_affine.default: fq_per_tensor,
@@ -109,6 +116,7 @@ def _translations(opset: int):
         ops.dequantize_per_tensor_affine.default: dq_per_tensor,
         ops.dequantize_per_channel_affine.default: dq_per_channel,
         ops.dequantize_per_group_affine.default: dq_per_group,
+        ops.add_int8.default: add_int8,
     }
 
 

@@ -5,7 +5,8 @@
 // scaled in float64 - the reference route's arithmetic, so both routes give the same bits.
 // Convolutions are implicit GEMMs over the channels-last input (no im2col copy). Everything else
 // (per-group weights, transposed convolutions, a reduction too long for an exact int32 sum, a CPU
-// without AVX2) takes the exact reference route of int8_args.cpp.
+// without AVX2) takes the exact reference route of int8_args.cpp. add_int8 is one elementwise
+// pass over both inputs (quant_math.h's add_int8_value).
 #include "qatx/ops/int8_kernels.h"
 
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 #include <mutex>
 #include <vector>
 
+#include "qatx/ops/cpu/cpu_kernels.h"
 #include "qatx/ops/cpu/int16_gemm.h"
 
 namespace qatx {
@@ -279,6 +281,21 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// add_int8.
+
+math::TensorGrid tensor_grid(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                             int64_t quant_max) {
+  const float s = scale.to(at::kFloat).item<float>();
+  return {s, 1.0f / s, zero_point.to(at::kFloat).item<float>(), static_cast<float>(quant_min),
+          static_cast<float>(quant_max)};
+}
+
+QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, int64_t begin, int64_t end,
+                                    math::TensorGrid gx, math::TensorGrid gy, bool relu) {
+  for (int64_t i = begin; i < end; ++i) out[i] = math::add_int8_value(x[i], gx, y[i], gy, relu);
+}
+
 struct Int8CpuBackend {
   static constexpr bool kChecksValuesOnHost = true;
 
@@ -339,6 +356,23 @@ struct Int8CpuBackend {
       if (y.defined()) return y;
     }
     return int8::linear_dynamic_reference(input, weight, weight_scale, weight_zero_point, bias, per_row);
+  }
+
+  static void add(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
+                  int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& other,
+                  const at::Tensor& other_scale, const at::Tensor& other_zero_point, int64_t other_quant_min,
+                  int64_t other_quant_max, bool relu, at::Tensor& out) {
+    if (out.numel() == 0) return;
+    const at::Tensor x = dense_input_like_output(input, Granularity::per_tensor());
+    const at::Tensor y = in_layout_of(other, out);
+    const math::TensorGrid gx = tensor_grid(input_scale, input_zero_point, input_quant_min, input_quant_max);
+    const math::TensorGrid gy = tensor_grid(other_scale, other_zero_point, other_quant_min, other_quant_max);
+    const float* xp = x.const_data_ptr<float>();
+    const float* yp = y.const_data_ptr<float>();
+    float* op = out.mutable_data_ptr<float>();
+    at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+      add_int8_range(xp, yp, op, begin, end, gx, gy, relu);
+    });
   }
 };
 

@@ -4,7 +4,8 @@
 // zero-point terms and dequantizes: acc = raw - z_a * colsum_w[c] - z_w[c] * rowsum_a[r] + K z_a z_w[c],
 // y = (acc + bias[c]) * s_in * s_w[c]. Shapes _int_mm does not take (M <= 16, K or N not a
 // multiple of 8), per-group weights, convolutions and the dynamic op run the exact reference
-// route of int8_args.cpp (float64 on the device). No host synchronisation: qparams stay tensors.
+// route of int8_args.cpp (float64 on the device). add_int8 is one elementwise kernel
+// (quant_math.h's add_int8_value). No host synchronisation: qparams stay tensors.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +35,29 @@ __global__ void linear_epilogue_kernel(const int32_t* __restrict__ raw, const in
     const double s = static_cast<double>(a_scale[0]) * static_cast<double>(w_scale[w_scale_per_channel ? c : 0]);
     float y = static_cast<float>(static_cast<double>(acc) * s);
     out[i] = relu ? fmaxf(y, 0.0f) : y;
+  }
+}
+
+// The grid of one add operand, read on the device from float32 scale / zero point tensors of one
+// element; the values are checked there (a device-side assertion) so the host never waits.
+__device__ __forceinline__ math::TensorGrid load_grid(const float* scale, const float* zero_point, float quant_min,
+                                                      float quant_max) {
+  const float s = scale[0], z = zero_point[0];
+  CUDA_KERNEL_ASSERT_MSG(math::is_valid_scale(s), "qatx::add_int8: scale must be finite and at least 2^-126");
+  CUDA_KERNEL_ASSERT_MSG(z >= quant_min && z <= quant_max,
+                         "qatx::add_int8: zero_point must lie inside [quant_min, quant_max]");
+  return {s, 1.0f / s, z, quant_min, quant_max};
+}
+
+__global__ void add_int8_kernel(const float* __restrict__ x, const float* __restrict__ y, float* __restrict__ out,
+                                int64_t numel, const float* __restrict__ x_scale, const float* __restrict__ x_zero_point,
+                                float x_min, float x_max, const float* __restrict__ y_scale,
+                                const float* __restrict__ y_zero_point, float y_min, float y_max, bool relu) {
+  const math::TensorGrid gx = load_grid(x_scale, x_zero_point, x_min, x_max);
+  const math::TensorGrid gy = load_grid(y_scale, y_zero_point, y_min, y_max);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    out[i] = math::add_int8_value(x[i], gx, y[i], gy, relu);
   }
 }
 
@@ -104,6 +128,26 @@ struct Int8CudaBackend {
                                    bool per_row) {
     c10::cuda::CUDAGuard guard(input.device());
     return int8::linear_dynamic_reference(input, weight, weight_scale, weight_zero_point, bias, per_row);
+  }
+
+  static void add(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
+                  int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& other,
+                  const at::Tensor& other_scale, const at::Tensor& other_zero_point, int64_t other_quant_min,
+                  int64_t other_quant_max, bool relu, at::Tensor& out) {
+    const int64_t numel = out.numel();
+    if (numel == 0) return;
+    c10::cuda::CUDAGuard guard(input.device());
+    const at::Tensor x = dense_input_like_output(input, Granularity::per_tensor());
+    const at::Tensor y = in_layout_of(other, out);
+    const at::Tensor sx = scale_as_float(input_scale), zx = zero_point_as_float(input_zero_point);
+    const at::Tensor sy = scale_as_float(other_scale), zy = zero_point_as_float(other_zero_point);
+    const int blocks = static_cast<int>(std::min<int64_t>((numel + cuda::kThreads - 1) / cuda::kThreads, 65535));
+    add_int8_kernel<<<blocks, cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<float>(), y.const_data_ptr<float>(), out.mutable_data_ptr<float>(), numel,
+        sx.const_data_ptr<float>(), zx.const_data_ptr<float>(), static_cast<float>(input_quant_min),
+        static_cast<float>(input_quant_max), sy.const_data_ptr<float>(), zy.const_data_ptr<float>(),
+        static_cast<float>(other_quant_min), static_cast<float>(other_quant_max), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 

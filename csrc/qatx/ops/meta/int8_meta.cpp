@@ -25,6 +25,8 @@ struct Int8MetaBackend {
                                    const at::Tensor&, const std::optional<at::Tensor>&, bool) {
     return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
   }
+  static void add(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, at::Tensor&) {}
 };
 
 }  // namespace

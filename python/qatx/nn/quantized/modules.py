@@ -533,12 +533,21 @@ class _FrozenQuant(nn.Module):
 
 
 class Add(nn.Module):
-    """Converted :class:`qatx.nn.QuantAdd`: ``q_1(x) + q_2(y)`` with the frozen qparams."""
+    """Converted :class:`qatx.nn.QuantAdd`: ``q_1(x) + q_2(y)`` with the frozen qparams, then a
+    ReLU when ``relu`` (set by :func:`qatx.convert` when a ReLU alone reads the sum).
 
-    def __init__(self):
+    When both operands are quantized to 8-bit grids and are float32 tensors of the same shape,
+    this is one :func:`qatx.ops.add_int8` pass (bit-identical to the three ops it replaces);
+    otherwise the fake-quantize ops and ``+``.
+    """
+
+    relu: bool
+
+    def __init__(self, relu: bool = False):
         super().__init__()
         self.input_quant = _FrozenQuant(False)
         self.other_quant = _FrozenQuant(False)
+        self.relu = relu
 
     @classmethod
     def from_qat(cls, mod: nn.Module) -> "Add":
@@ -547,8 +556,23 @@ class Add(nn.Module):
         new.other_quant = _FrozenQuant.from_quantizer(mod.other_quantizer)
         return new.eval()
 
+    def _fusable(self, x: Tensor, y: Tensor) -> bool:
+        a, b = self.input_quant, self.other_quant
+        return (a.enabled and b.enabled and a.quant_min >= -128 and a.quant_max <= 255 and
+                a.quant_max - a.quant_min <= 255 and b.quant_min >= -128 and b.quant_max <= 255 and
+                b.quant_max - b.quant_min <= 255 and x.dtype == torch.float32 and y.dtype == torch.float32 and
+                x.shape == y.shape and x.device == y.device)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.input_quant(x) + self.other_quant(y)
+        if self._fusable(x, y):
+            a, b = self.input_quant, self.other_quant
+            return torch.ops.qatx.add_int8(x, a.scale, a.zero_point, a.quant_min, a.quant_max, y, b.scale,
+                                           b.zero_point, b.quant_min, b.quant_max, self.relu)
+        out = self.input_quant(x) + self.other_quant(y)
+        return torch.relu(out) if self.relu else out
+
+    def extra_repr(self) -> str:
+        return "relu=True" if self.relu else ""
 
 
 class Matmul(Add):
