@@ -181,6 +181,9 @@ CONV_CASES = [
     (2, False, 3, 40, 3, 1, 1, 1, 0, 1),      # odd C (a padded channel), three panels of 16
     (2, False, 9, 36, (3, 2), 1, (1, 0), 1, 0, 3),  # odd C/G, per-group panels
     (2, False, 8, 8, 1, 2, 0, 1, 0, 1),       # 1x1, stride 2
+    (2, False, 4, 6, 3, 1, 2, (1, 2), 0, 1),  # dilated along the last dim: one run per tap
+    (3, False, 3, 5, (2, 3, 3), (1, 2, 2), (1, 1, 2), 1, 0, 1),  # a kernel row's taps as one run
+    (2, False, 4, 4, 3, 2, 3, 1, 0, 1),       # padding wider than the kernel: windows of padding only
     (2, True, 6, 4, 3, 2, 1, 1, 1, 2),
     (1, True, 4, 5, 4, 2, 1, 1, 0, 1),
 ]

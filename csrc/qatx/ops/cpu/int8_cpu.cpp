@@ -18,6 +18,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <list>
 #include <memory>
@@ -185,10 +186,13 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
 
 // ---------------------------------------------------------------------------------------------
 // Convolution (non-transposed): an implicit GEMM per group over the channels-last int16 input.
-// Row r of group g's A is output position r's window, one run of the group's channels per kernel
-// tap, read in place; padding taps read a run of zeros (the zero point, centered). Runs hold an
-// even number of channels (cgp = C/G rounded up), so the input is stored with cgp channels per
-// group and the weight rows with cgp entries per tap (the extra channel is 0).
+// The input is quantized once into a zero-padded buffer (the padding's integer is the zero point,
+// centered 0), so every window lies inside it; row r of group g's A is output position r's
+// window, read in place, one run of the group's channels per kernel tap. Runs hold an even number
+// of channels (cgp = C/G rounded up), so the buffer has cgp channels per group and the weight
+// rows cgp entries per tap (the extra channel is 0). Without groups and dilation along the last
+// spatial dimension, the taps of one kernel row are adjacent pixels: they form one run (fewer,
+// longer runs; a 3-channel stem's run is 12 elements instead of 4).
 
 // [0, 2, ..., spatial + 1, 1]: a [N, C, *spatial] tensor (or weight [OC, C/G, *k]) channels last.
 std::vector<int64_t> channels_last_order(int64_t spatial) {
@@ -212,71 +216,96 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     return at::constant_pad_nd(rows, {0, cgp - cg}).reshape({c_out, taps * cgp});
   });
   if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
-  // Geometry as 3-d (leading unit dimensions).
+  // Geometry as 3-d (leading unit dimensions); `padded`: the input with its padding.
   std::array<int64_t, 3> in{1, 1, 1}, out_dim{1, 1, 1}, kernel{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0},
-      dilation{1, 1, 1};
+      dilation{1, 1, 1}, padded{1, 1, 1};
   for (int i = 0; i < D; ++i) {
-    in[3 - D + i] = input.size(2 + i);
-    out_dim[3 - D + i] = geo.output_shape[2 + i].expect_int();
-    kernel[3 - D + i] = weight.size(2 + i);
-    stride[3 - D + i] = geo.stride[i];
-    pad[3 - D + i] = geo.padding[i];
-    dilation[3 - D + i] = geo.dilation[i];
+    const int j = 3 - D + i;
+    in[j] = input.size(2 + i);
+    out_dim[j] = geo.output_shape[2 + i].expect_int();
+    kernel[j] = weight.size(2 + i);
+    stride[j] = geo.stride[i];
+    pad[j] = geo.padding[i];
+    dilation[j] = geo.dilation[i];
+    padded[j] = in[j] + 2 * pad[j];
   }
   const int64_t out_plane = out_dim[0] * out_dim[1] * out_dim[2], rows = batch * out_plane;
   at::Tensor out = int8::empty_conv_output(geo, false, input.options());
   if (rows == 0) return out;
 
+  // Quantize, one padded row (n, i0, i1) at a time: rows in the padding are zeros, the others
+  // get their left and right padding zeroed and their pixels quantized. Rows no window reads
+  // (a strided 1x1 convolution skips every other one) are left as they are.
+  std::array<std::vector<char>, 2> read;
+  for (int j = 0; j < 2; ++j) {
+    read[j].assign(static_cast<size_t>(padded[j]), 0);
+    for (int64_t o = 0; o < out_dim[j]; ++o) {
+      for (int64_t k = 0; k < kernel[j]; ++k) read[j][o * stride[j] + k * dilation[j]] = 1;
+    }
+  }
   const at::Tensor x = input.permute(channels_last_order(D)).contiguous();
   const float* xp = x.const_data_ptr<float>();
-  const int64_t pixels = x.numel() / c_in;
+  const int64_t row_len = padded[2] * c_stride, image = padded[0] * padded[1] * row_len;
   std::vector<int16_t> owner;
-  int16_t* xq = int16_scratch(pixels * c_stride, owner);
-  const std::vector<int16_t> zeros(static_cast<size_t>(cgp), 0);
+  int16_t* xq = int16_scratch(batch * image, owner);
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
-  at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 14) / c_in), [&](int64_t begin, int64_t end) {
-    if (cgp == cg) {  // no padding channel: one run
-      if (!quantize(xp + begin * c_in, xq + begin * c_stride, (end - begin) * c_in)) ok = false;
-      return;
-    }
-    for (int64_t px = begin; px < end; ++px) {
-      for (int64_t g = 0; g < groups; ++g) {
-        if (!quantize(xp + px * c_in + g * cg, xq + px * c_stride + g * cgp, cg)) ok = false;
-        xq[px * c_stride + g * cgp + cg] = 0;  // the group's padding channel
+  const int64_t padded_rows = batch * padded[0] * padded[1];
+  at::parallel_for(0, padded_rows, std::max<int64_t>(1, (1 << 14) / row_len), [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> tmp(cgp == cg ? 0 : static_cast<size_t>(in[2] * c_in));
+    for (int64_t r = begin; r < end; ++r) {
+      int16_t* dst = xq + r * row_len;
+      const int64_t p1 = r % padded[1], p0 = r / padded[1] % padded[0], nn = r / (padded[0] * padded[1]);
+      if (!read[0][p0] || !read[1][p1]) continue;
+      const int64_t i0 = p0 - pad[0], i1 = p1 - pad[1];
+      if (i0 < 0 || i0 >= in[0] || i1 < 0 || i1 >= in[1]) {
+        std::memset(dst, 0, static_cast<size_t>(row_len) * sizeof(int16_t));
+        continue;
+      }
+      std::memset(dst, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
+      std::memset(dst + (pad[2] + in[2]) * c_stride, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
+      const float* src = xp + ((nn * in[0] + i0) * in[1] + i1) * in[2] * c_in;
+      int16_t* pixels = dst + pad[2] * c_stride;
+      if (cgp == cg) {  // no padding channel: one run
+        if (!quantize(src, pixels, in[2] * c_in)) ok = false;
+        continue;
+      }
+      if (!quantize(src, tmp.data(), in[2] * c_in)) ok = false;
+      for (int64_t px = 0; px < in[2] * groups; ++px) {  // spread each group's cg channels over cgp
+        std::memcpy(pixels + px * cgp, tmp.data() + px * cg, static_cast<size_t>(cg) * sizeof(int16_t));
+        pixels[px * cgp + cg] = 0;
       }
     }
   });
   check_no_nan(ok, op);
 
-  // Per output position of an image and tap: the tapped pixel's offset in the image, or -1 in
-  // the padding.
-  std::vector<int64_t> offsets(static_cast<size_t>(out_plane * taps));
+  // Runs per row: one per kernel tap, or one per kernel row when its taps are adjacent pixels.
+  const bool merge_row = groups == 1 && (dilation[2] == 1 || kernel[2] == 1);
+  const int64_t segments = merge_row ? kernel[0] * kernel[1] : taps;
+  // Per output position of an image and run: the run's offset in the padded image.
+  std::vector<int64_t> offsets(static_cast<size_t>(out_plane * segments));
   for (int64_t o = 0, t = 0; o < out_plane; ++o) {
     const int64_t o0 = o / (out_dim[1] * out_dim[2]), o1 = (o / out_dim[2]) % out_dim[1], o2 = o % out_dim[2];
     for (int64_t k0 = 0; k0 < kernel[0]; ++k0) {
-      const int64_t i0 = o0 * stride[0] - pad[0] + k0 * dilation[0];
+      const int64_t i0 = o0 * stride[0] + k0 * dilation[0];
       for (int64_t k1 = 0; k1 < kernel[1]; ++k1) {
-        const int64_t i1 = o1 * stride[1] - pad[1] + k1 * dilation[1];
-        for (int64_t k2 = 0; k2 < kernel[2]; ++k2) {
-          const int64_t i2 = o2 * stride[2] - pad[2] + k2 * dilation[2];
-          const bool inside = i0 >= 0 && i0 < in[0] && i1 >= 0 && i1 < in[1] && i2 >= 0 && i2 < in[2];
-          offsets[t++] = inside ? ((i0 * in[1] + i1) * in[2] + i2) * c_stride : -1;
+        const int64_t i1 = o1 * stride[1] + k1 * dilation[1];
+        for (int64_t k2 = 0; k2 < (merge_row ? 1 : kernel[2]); ++k2) {
+          offsets[t++] = ((i0 * padded[1] + i1) * padded[2] + o2 * stride[2] + k2 * dilation[2]) * c_stride;
         }
       }
     }
   }
-  const int64_t image = in[0] * in[1] * in[2] * c_stride;
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
   for (int64_t g = 0; g < groups; ++g) {
     auto locate = [&](int64_t row, const int16_t** starts) {
       const int64_t nn = row / out_plane;
       const int16_t* base = xq + nn * image + g * cgp;
-      const int64_t* off = offsets.data() + (row - nn * out_plane) * taps;
-      for (int64_t t = 0; t < taps; ++t) starts[t] = off[t] < 0 ? zeros.data() : base + off[t];
+      const int64_t* off = offsets.data() + (row - nn * out_plane) * segments;
+      for (int64_t t = 0; t < segments; ++t) starts[t] = base + off[t];
     };
-    int16_gemm::gemm(rows, (*packed)[g], taps, locate, e.at(g * og, relu), out.mutable_data_ptr<float>() + g * og,
-                     c_out);
+    int16_gemm::gemm(rows, (*packed)[g], segments, locate, e.at(g * og, relu),
+                     out.mutable_data_ptr<float>() + g * og, c_out);
   }
   return out;
 }
