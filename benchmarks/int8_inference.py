@@ -3,14 +3,17 @@
 Usage::
 
     PYTHONPATH=python python benchmarks/int8_inference.py [--device cpu|cuda] [--json FILE]
-        [--iters N] [--threads N] [--quick]
+        [--iters N] [--threads N] [--quick] [--models mlp,cnn,mobilenet]
 
 Models:
 
 * ``mlp``: four Linear(1024, 1024) layers with ReLU between them, on float32 inputs of
   standard normal values;
 * ``cnn``: the small ResNet-style CNN of ``benchmarks/qat_step.py`` (Conv-BN-ReLU stem, three
-  residual blocks with ``qatx.nn.QuantAdd``, pooling, Linear) on 3x32x32 inputs.
+  residual blocks with ``qatx.nn.QuantAdd``, pooling, Linear) on 3x32x32 inputs;
+* ``mobilenet``: a small MobileNetV2-style CNN (Conv-BN-ReLU stem with stride 2, four inverted
+  residual blocks: 1x1 expansion x4, 3x3 depthwise, 1x1 projection, a ``QuantAdd`` where the
+  shapes allow; pooling, Linear) on 3x64x64 inputs.
 
 The INT8 model is ``qatx.convert`` of the model prepared with ``qatx.presets.W8A8`` and
 calibrated on a few random batches (observers and BN statistics in training mode).
@@ -74,7 +77,49 @@ def mlp():
     return nn.Sequential(*layers)
 
 
-MODELS = {"mlp": (mlp, (1024,)), "cnn": (SmallResNet, (3, 32, 32))}
+def conv_bn(c_in, c_out, kernel, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*(layers + [nn.ReLU()] if relu else layers))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion, 3x3 depthwise (stride), 1x1 projection without ReLU."""
+
+    def __init__(self, c_in, c_out, stride, expand=4):
+        super().__init__()
+        hidden = c_in * expand
+        self.body = nn.Sequential(conv_bn(c_in, hidden, 1), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                  conv_bn(hidden, c_out, 1, relu=False))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class ResidualInvertedResidual(InvertedResidual):
+    """InvertedResidual plus its input (stride 1, as many channels out as in)."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 1)
+        self.add = qatx.nn.QuantAdd()
+
+    def forward(self, x):
+        return self.add(x, self.body(x))
+
+
+class SmallMobileNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.blocks = nn.Sequential(InvertedResidual(16, 24, 2), ResidualInvertedResidual(24),
+                                    InvertedResidual(24, 32, 2), ResidualInvertedResidual(32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+MODELS = {"mlp": (mlp, (1024,)), "cnn": (SmallResNet, (3, 32, 32)), "mobilenet": (SmallMobileNet, (3, 64, 64))}
 
 
 def calibrated_qat_model(float_model: nn.Module, shape, device) -> nn.Module:
@@ -173,6 +218,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few iterations (smoke test)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--no-onnxruntime", action="store_true", help="leave out the ONNX Runtime rows")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -180,7 +226,11 @@ def main(argv=None):
         p.error("--device cuda: no GPU available")
     iters, warmup = (2, 1) if args.quick else (args.iters, 5)
     print(f"torch {torch.__version__}, qatx {qatx.__version__}, {torch.get_num_threads()} threads, {args.device}")
-    rows = run(args.device, iters, warmup, list(MODELS), BATCHES, skip_onnxruntime=args.no_onnxruntime)
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        p.error(f"--models: choose from {', '.join(MODELS)}, got {args.models!r}")
+    rows = run(args.device, iters, warmup, models, BATCHES, skip_onnxruntime=args.no_onnxruntime)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -18,7 +18,7 @@ def test_benchmark_int8_inference_quick(tmp_path):
     assert all(set(r) == {"model", "impl", "device", "batch", "ms", "size_bytes"} for r in rows)
     assert all(r["device"] == "cpu" and r["ms"] > 0 and r["size_bytes"] > 0 for r in rows)
     seen = {(r["model"], r["impl"], r["batch"]) for r in rows}
-    assert {(m, i, b) for m in ("mlp", "cnn") for i in ("fp32", "qatx_int8", "qatx_int8_script")
+    assert {(m, i, b) for m in ("mlp", "cnn", "mobilenet") for i in ("fp32", "qatx_int8", "qatx_int8_script")
             for b in (1, 64)} <= seen
     size = {(r["model"], r["impl"]): r["size_bytes"] for r in rows}
     assert size[("mlp", "fp32")] >= 3.5 * size[("mlp", "qatx_int8")]

@@ -80,6 +80,8 @@ LAYERS = {
     "conv2d_groups_reflect": (lambda: nn.Conv2d(4, 8, 3, padding=1, groups=2, padding_mode="reflect"),
                               lambda: (torch.randn(2, 4, 7, 7),)),
     "conv3d": (lambda: nn.Conv3d(3, 4, 3, padding=1), lambda: (torch.randn(1, 3, 5, 5, 5),)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(20, 20, 3, stride=2, padding=1, groups=20),
+                         lambda: (torch.randn(3, 20, 9, 9),)),
     "convT2d": (lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
                 lambda: (torch.randn(2, 6, 5, 5),)),
     "convT1d": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=2), lambda: (torch.randn(2, 3, 6),)),

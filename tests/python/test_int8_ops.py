@@ -175,7 +175,10 @@ CONV_CASES = [
     (2, False, 8, 16, 3, 1, 1, 1, 0, 1),
     (2, False, 6, 9, 3, 2, 0, 1, 0, 3),
     (2, False, 4, 8, (3, 1), (2, 1), (2, 0), (2, 1), 0, 1),
-    (2, False, 16, 16, 3, 1, 1, 1, 0, 16),
+    (2, False, 16, 16, 3, 1, 1, 1, 0, 16),    # depthwise: one block of 16 channels
+    (2, False, 37, 37, 3, 2, 1, 1, 0, 37),    # depthwise, a partial last block, stride 2
+    (1, False, 7, 7, 5, 1, 4, 2, 0, 7),       # depthwise, odd taps, dilated
+    (2, False, 6, 12, 3, 1, 1, 1, 0, 6),      # one input channel per group, two outputs: not depthwise
     (1, False, 5, 7, 3, 2, 1, 1, 0, 1),
     (3, False, 4, 6, 3, 1, 1, 1, 0, 2),
     (2, False, 3, 40, 3, 1, 1, 1, 0, 1),      # odd C (a padded channel), three panels of 16

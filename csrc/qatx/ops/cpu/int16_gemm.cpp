@@ -58,6 +58,35 @@ PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_point
   return b;
 }
 
+// Depthwise layout: per block of 16 channels and pair of taps (t0, t1), 32 int16 in the order of
+// vpunpck{l,h}wd's 128-bit lanes: the low vector's 8 int32 slots hold channels 0-3 and 8-11 of the
+// block, the high vector's 4-7 and 12-15, each as the pair (w[c, t0], w[c, t1]).
+PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, const int32_t* zero_points) {
+  PackedB b;
+  b.n = channels;
+  b.k = taps;
+  b.kp = taps + (taps & 1);
+  const int64_t blocks = (channels + kPanel - 1) / kPanel, pairs = b.kp / 2;
+  b.panels.assign(static_cast<size_t>(blocks * pairs * kPanel * 2), 0);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int64_t kk = 0; kk < pairs; ++kk) {
+      int16_t* dst = b.panels.data() + (blk * pairs + kk) * kPanel * 2;
+      for (int64_t slot = 0; slot < kPanel; ++slot) {  // slots 0-7: low vector, 8-15: high vector
+        const int64_t lane = (slot % 8) / 4, in_lane = slot % 4, high = slot / 8;
+        const int64_t c = blk * kPanel + lane * 8 + high * 4 + in_lane;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t t = 2 * kk + h;
+          if (c >= channels || t >= taps) continue;
+          const int32_t v = weight[c * taps + t] - zero_points[c];
+          b.max_abs = std::max(b.max_abs, v < 0 ? -v : v);
+          dst[slot * 2 + h] = static_cast<int16_t>(v);
+        }
+      }
+    }
+  }
+  return b;
+}
+
 #if QATX_INT16_GEMM
 namespace {
 
@@ -161,8 +190,72 @@ QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t c
   }
 }
 
+// Rows per depthwise step: their 8 accumulators, the 2 weight vectors and 4 temporaries fit the
+// 16 ymm registers; the weights are loaded once for all of them.
+constexpr int64_t kDepthwiseRows = 4;
+
+// Depthwise accumulators of kDepthwiseRows rows for one block of 16 channels: acc[i * 16 + j] is
+// row i, channel j of the block. starts[i * taps + t]: row i's tap t.
+QATX_AVX2 void depthwise_block(const int16_t* const* starts, int64_t taps, int64_t channel, const int16_t* panel,
+                               int32_t* acc) {
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+  for (int64_t t = 0; t < taps; t += 2, panel += 2 * kPanel) {
+    const __m256i wlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel));
+    const __m256i whi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel));
+    const int64_t t1 = t + 1 < taps ? t + 1 : t;  // an odd last tap meets zero weights
+#define QATX_DW_ROW(i, lo, hi)                                                                                \
+  {                                                                                                          \
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(starts[i * taps + t] + channel));  \
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(starts[i * taps + t1] + channel)); \
+    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), wlo));                         \
+    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), whi));                         \
+  }
+    QATX_DW_ROW(0, lo0, hi0)
+    QATX_DW_ROW(1, lo1, hi1)
+    QATX_DW_ROW(2, lo2, hi2)
+    QATX_DW_ROW(3, lo3, hi3)
+#undef QATX_DW_ROW
+  }
+  // Lanes back to channel order: (low lane of lo, low lane of hi) = channels 0-7, the high lanes 8-15.
+  __m256i* out = reinterpret_cast<__m256i*>(acc);
+  _mm256_storeu_si256(out + 0, _mm256_permute2x128_si256(lo0, hi0, 0x20));
+  _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(lo0, hi0, 0x31));
+  _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(lo1, hi1, 0x20));
+  _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(lo1, hi1, 0x31));
+  _mm256_storeu_si256(out + 4, _mm256_permute2x128_si256(lo2, hi2, 0x20));
+  _mm256_storeu_si256(out + 5, _mm256_permute2x128_si256(lo2, hi2, 0x31));
+  _mm256_storeu_si256(out + 6, _mm256_permute2x128_si256(lo3, hi3, 0x20));
+  _mm256_storeu_si256(out + 7, _mm256_permute2x128_si256(lo3, hi3, 0x31));
+}
+
 }  // namespace
 #endif
+
+void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, float* y,
+               int64_t ldy) {
+#if QATX_INT16_GEMM
+  if (m == 0 || b.n == 0) return;
+  const int64_t taps = b.k, blocks = (b.n + kPanel - 1) / kPanel, steps = (m + kDepthwiseRows - 1) / kDepthwiseRows;
+  at::parallel_for(0, steps, std::max<int64_t>(1, 4096 / (b.n * taps)), [&](int64_t begin, int64_t end) {
+    std::vector<const int16_t*> starts(static_cast<size_t>(kDepthwiseRows * taps));
+    alignas(32) int32_t acc[kDepthwiseRows * kPanel];
+    for (int64_t step = begin; step < end; ++step) {
+      const int64_t first = step * kDepthwiseRows, rows = std::min(kDepthwiseRows, m - first);
+      for (int64_t i = 0; i < kDepthwiseRows; ++i) {  // a short step repeats its last row
+        locate(first + std::min(i, rows - 1), starts.data() + i * taps);
+      }
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t col = blk * kPanel;
+        depthwise_block(starts.data(), taps, col, b.panels.data() + blk * (b.kp / 2) * kPanel * 2, acc);
+        store_tile(acc, rows, col, std::min(kPanel, b.n - col), epilogue, y + first * ldy + col, ldy);
+      }
+    }
+  });
+#else
+  (void)m, (void)b, (void)locate, (void)epilogue, (void)y, (void)ldy;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::depthwise needs an x86-64 CPU with AVX2");
+#endif
+}
 
 void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
           int64_t ldy) {

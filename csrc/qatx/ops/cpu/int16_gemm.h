@@ -48,6 +48,14 @@ struct Epilogue {
 void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
           int64_t ldy);
 
+// Depthwise convolution (one filter per channel): y[r, c] = epilogue(sum_t a_t[c] * w[c, t]) for
+// b.n channels and b.k taps, where locate(r, starts) sets starts[t] to tap t's pixel (b.n int16
+// channels; reading up to 15 int16 past the last pixel's channels must stay inside the buffer:
+// those lanes meet zero weights). Exact in int32 under the same bound as gemm.
+PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, const int32_t* zero_points);
+void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, float* y,
+               int64_t ldy);
+
 // The fake-quantize forward's integer, centered: dst[i] = clamp(rint(x[i] * (1/s)) + z,
 // quant_min, quant_max) - z, an int16 in [quant_min - z, quant_max - z]. Serial; returns false
 // when x holds a NaN (which has no integer; its dst is then unspecified).

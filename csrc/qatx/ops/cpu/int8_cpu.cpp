@@ -56,9 +56,9 @@ std::shared_ptr<PackedWeight> pack_weight(const at::Tensor& rows, const at::Tens
 // on every insertion.
 class PackedWeightCache {
  public:
-  // kind: 0 linear, D for a D-d convolution.
+  // kind: 0 linear, D for a D-d convolution, 3 + D for a depthwise one; make() packs on a miss.
   std::shared_ptr<PackedWeight> get(const at::Tensor& weight, const at::Tensor& zero_point, int64_t groups, int kind,
-                                    const std::function<at::Tensor()>& rows) {
+                                    const std::function<std::shared_ptr<PackedWeight>()>& make) {
     c10::StorageImpl* storage = weight.storage().unsafeGetStorageImpl();
     const int64_t version = weight._version();
     {
@@ -72,7 +72,7 @@ class PackedWeightCache {
         }
       }
     }
-    auto packed = pack_weight(rows(), zero_point, groups);  // outside the lock: packing can be slow
+    auto packed = make();  // outside the lock: packing can be slow
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.remove_if([](const Entry& e) { return e.storage.expired(); });
     entries_.push_back(Entry{c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()),
@@ -158,7 +158,8 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
                         const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
                         const std::optional<at::Tensor>& bias, bool relu, const char* op) {
   const int64_t n = weight.size(0), k = weight.size(1);
-  const auto packed = cache().get(weight, weight_zero_point, 1, /*kind=*/0, [&] { return weight.contiguous(); });
+  const auto packed = cache().get(weight, weight_zero_point, 1, /*kind=*/0,
+                                  [&] { return pack_weight(weight.contiguous(), weight_zero_point, 1); });
   if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
   const int16_gemm::PackedB& b = packed->front();
   const at::Tensor x = input.contiguous();
@@ -208,12 +209,23 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
                              const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
                              const int8::ConvGeometry& geo, int64_t groups, bool relu, const char* op) {
   const int64_t batch = input.size(0), c_in = input.size(1), c_out = geo.out_channels.expect_int();
-  const int64_t cg = c_in / groups, cgp = cg + (cg & 1), og = c_out / groups, c_stride = groups * cgp;
+  const int64_t cg = c_in / groups, og = c_out / groups;
   const int64_t taps = weight.numel() / (c_out * cg);
-  const auto packed = cache().get(weight, weight_zero_point, groups, /*kind=*/D, [&] {
+  // Depthwise (one input and one output channel per group): one filter per channel, multiplied
+  // elementwise over 16 channels at a time; its buffer has no padding channel.
+  const bool depthwise = groups > 1 && cg == 1 && og == 1;
+  const int64_t cgp = depthwise ? 1 : cg + (cg & 1), c_stride = groups * cgp;
+  const auto packed = cache().get(weight, weight_zero_point, groups, depthwise ? 3 + D : D, [&] {
+    if (depthwise) {
+      const at::Tensor w = weight.reshape({c_out, taps}).contiguous();
+      const at::Tensor z = weight_zero_point.to(at::kInt).reshape({-1}).expand({c_out}).contiguous();
+      return std::make_shared<PackedWeight>(PackedWeight{
+          int16_gemm::pack_depthwise(w.const_data_ptr<int8_t>(), c_out, taps, z.const_data_ptr<int32_t>())});
+    }
     // [OC, C/G, *k] -> [OC, *k, C/G] (each output channel's window in tap-major order), padded.
     const at::Tensor rows = weight.permute(channels_last_order(D)).contiguous().reshape({c_out, taps, cg});
-    return at::constant_pad_nd(rows, {0, cgp - cg}).reshape({c_out, taps * cgp});
+    return pack_weight(at::constant_pad_nd(rows, {0, cgp - cg}).reshape({c_out, taps * cgp}), weight_zero_point,
+                       groups);
   });
   if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
   // Geometry as 3-d (leading unit dimensions); `padded`: the input with its padding.
@@ -247,7 +259,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   const float* xp = x.const_data_ptr<float>();
   const int64_t row_len = padded[2] * c_stride, image = padded[0] * padded[1] * row_len;
   std::vector<int16_t> owner;
-  int16_t* xq = int16_scratch(batch * image, owner);
+  int16_t* xq = int16_scratch(batch * image + 16, owner);  // + the depthwise kernel's overread
   const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
   const int64_t padded_rows = batch * padded[0] * padded[1];
@@ -297,6 +309,15 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     }
   }
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
+  if (depthwise) {
+    auto locate = [&](int64_t row, const int16_t** starts) {
+      const int64_t nn = row / out_plane;
+      const int64_t* off = offsets.data() + (row - nn * out_plane) * segments;
+      for (int64_t t = 0; t < segments; ++t) starts[t] = xq + nn * image + off[t];
+    };
+    int16_gemm::depthwise(rows, packed->front(), locate, e.at(0, relu), out.mutable_data_ptr<float>(), c_out);
+    return out;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     auto locate = [&](int64_t row, const int16_t** starts) {
       const int64_t nn = row / out_plane;
