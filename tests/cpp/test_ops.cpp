@@ -5,6 +5,7 @@
 //   - quantize -> dequantize bit-identical to fake-quantize (int8, uint8, int16);
 //   - the straight-through-estimator gradient from C++, and double backward;
 //   - the learnable quantizers' (LSQ+, PACT) gradients from C++, and the refused double backward;
+//   - the INT8 add bit-identical to the fake-quantized sum (and ReLU);
 //   - argument errors (c10::Error, naming the argument), Meta tensors, op registration.
 // All comparisons are exact (torch::equal), except the learnable quantizers' scale and zero-point
 // gradients: sums whose order differs from the reference's, compared to a stated tolerance.
@@ -132,7 +133,8 @@ TEST(Registration, SchemasAreFoundWithoutTorchScript) {
         "qatx::fake_quantize_pact", "qatx::_fake_quantize_lsq_backward", "qatx::_fake_quantize_lsq_per_group_backward",
         "qatx::_fake_quantize_pact_backward", "qatx::observe_fake_quantize_per_tensor_affine",
         "qatx::observe_fake_quantize_per_channel_affine", "qatx::observe_fake_quantize_per_group_affine",
-        "qatx::_observe_min_max"}) {
+        "qatx::_observe_min_max", "qatx::linear_int8", "qatx::convolution_int8", "qatx::linear_int8_dynamic",
+        "qatx::add_int8"}) {
     EXPECT_TRUE(dispatcher.findSchema({name, ""}).has_value()) << name;
   }
   EXPECT_FALSE(dispatcher.findSchema({"qatx::no_such_op", ""}).has_value());
@@ -677,6 +679,27 @@ TEST_F(OpsTest, ErrorInputDtype) {
 // ---------------------------------------------------------------------------------------------
 // Meta tensors: shapes only
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// INT8 add: one pass, the bits of fake-quantize + fake-quantize (+ ReLU)
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(OpsTest, AddInt8EqualsTheFakeQuantizedSum) {
+  const QRange xr{0, 255}, yr{-128, 127};
+  const Tensor x = random_input({2, 5, 7, 3}).contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor y = random_input({2, 5, 7, 3});
+  const Tensor sx = random_scale({1}), sy = random_scale({1});
+  const Tensor zx = random_zero_point({1}, xr), zy = random_zero_point({1}, yr);
+  for (bool relu : {false, true}) {
+    Tensor expected = qatx::ops::fake_quantize_per_tensor_affine(x, sx, zx, xr.qmin, xr.qmax) +
+                      qatx::ops::fake_quantize_per_tensor_affine(y, sy, zy, yr.qmin, yr.qmax);
+    if (relu) expected = torch::relu(expected);
+    const Tensor out = qatx::ops::add_int8(x, sx, zx, xr.qmin, xr.qmax, y, sy, zy, yr.qmin, yr.qmax, relu);
+    EXPECT_TRUE(torch::equal(out, expected)) << "relu=" << relu;
+    EXPECT_EQ(out.strides(), x.strides());  // the input's channels-last layout
+  }
+  EXPECT_THROW(qatx::ops::add_int8(x, sx, zx, 0, 255, y.narrow(3, 0, 2), sy, zy, -128, 127), c10::Error);
+}
 
 TEST(Meta, ShapesAndDtypes) {
   const auto meta = torch::TensorOptions().device(torch::kMeta);

@@ -39,20 +39,33 @@ bool supported() {
 #endif
 }
 
-PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
+namespace {
+// A PackedB of n columns and k reduction elements, its panels zeroed.
+PackedB zeroed(int64_t n, int64_t k) {
   PackedB b;
   b.n = n;
   b.k = k;
   b.kp = k + (k & 1);
-  const int64_t panels = (n + kPanel - 1) / kPanel, pairs = b.kp / 2;
-  b.panels.assign(static_cast<size_t>(panels * pairs * kPanel * 2), 0);
+  b.panels.assign(static_cast<size_t>((n + kPanel - 1) / kPanel * b.kp * kPanel), 0);
+  return b;
+}
+
+// w - z as int16, recording its magnitude in b.max_abs.
+int16_t centered(int32_t w, int32_t z, PackedB& b) {
+  const int32_t v = w - z;
+  b.max_abs = std::max(b.max_abs, v < 0 ? -v : v);
+  return static_cast<int16_t>(v);
+}
+}  // namespace
+
+PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
+  PackedB b = zeroed(n, k);
+  const int64_t pairs = b.kp / 2;
   for (int64_t c = 0; c < n; ++c) {
     int16_t* panel = b.panels.data() + (c / kPanel) * pairs * kPanel * 2;
     const int64_t j = c % kPanel;
     for (int64_t kk = 0; kk < k; ++kk) {
-      const int32_t v = rows[c * k + kk] - zero_points[c];
-      b.max_abs = std::max(b.max_abs, v < 0 ? -v : v);
-      panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = static_cast<int16_t>(v);
+      panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = centered(rows[c * k + kk], zero_points[c], b);
     }
   }
   return b;
@@ -62,24 +75,16 @@ PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_point
 // vpunpck{l,h}wd's 128-bit lanes: the low vector's 8 int32 slots hold channels 0-3 and 8-11 of the
 // block, the high vector's 4-7 and 12-15, each as the pair (w[c, t0], w[c, t1]).
 PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, const int32_t* zero_points) {
-  PackedB b;
-  b.n = channels;
-  b.k = taps;
-  b.kp = taps + (taps & 1);
+  PackedB b = zeroed(channels, taps);
   const int64_t blocks = (channels + kPanel - 1) / kPanel, pairs = b.kp / 2;
-  b.panels.assign(static_cast<size_t>(blocks * pairs * kPanel * 2), 0);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     for (int64_t kk = 0; kk < pairs; ++kk) {
       int16_t* dst = b.panels.data() + (blk * pairs + kk) * kPanel * 2;
       for (int64_t slot = 0; slot < kPanel; ++slot) {  // slots 0-7: low vector, 8-15: high vector
         const int64_t lane = (slot % 8) / 4, in_lane = slot % 4, high = slot / 8;
         const int64_t c = blk * kPanel + lane * 8 + high * 4 + in_lane;
-        for (int64_t h = 0; h < 2; ++h) {
-          const int64_t t = 2 * kk + h;
-          if (c >= channels || t >= taps) continue;
-          const int32_t v = weight[c * taps + t] - zero_points[c];
-          b.max_abs = std::max(b.max_abs, v < 0 ? -v : v);
-          dst[slot * 2 + h] = static_cast<int16_t>(v);
+        for (int64_t h = 0; h < 2 && c < channels && 2 * kk + h < taps; ++h) {
+          dst[slot * 2 + h] = centered(weight[c * taps + 2 * kk + h], zero_points[c], b);
         }
       }
     }
