@@ -308,24 +308,23 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       }
     }
   }
-  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
-  if (depthwise) {
-    auto locate = [&](int64_t row, const int16_t** starts) {
-      const int64_t nn = row / out_plane;
-      const int64_t* off = offsets.data() + (row - nn * out_plane) * segments;
-      for (int64_t t = 0; t < segments; ++t) starts[t] = xq + nn * image + off[t];
-    };
-    int16_gemm::depthwise(rows, packed->front(), locate, e.at(0, relu), out.mutable_data_ptr<float>(), c_out);
-    return out;
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    auto locate = [&](int64_t row, const int16_t** starts) {
+  // The runs of output row `row` over group g's channels.
+  auto locate_in_group = [&](int64_t g) {
+    return [&, g](int64_t row, const int16_t** starts) {
       const int64_t nn = row / out_plane;
       const int16_t* base = xq + nn * image + g * cgp;
       const int64_t* off = offsets.data() + (row - nn * out_plane) * segments;
       for (int64_t t = 0; t < segments; ++t) starts[t] = base + off[t];
     };
-    int16_gemm::gemm(rows, (*packed)[g], segments, locate, e.at(g * og, relu),
+  };
+  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
+  if (depthwise) {  // all channels at once: each pixel's run starts at channel 0
+    int16_gemm::depthwise(rows, packed->front(), locate_in_group(0), e.at(0, relu), out.mutable_data_ptr<float>(),
+                          c_out);
+    return out;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    int16_gemm::gemm(rows, (*packed)[g], segments, locate_in_group(g), e.at(g * og, relu),
                      out.mutable_data_ptr<float>() + g * og, c_out);
   }
   return out;

@@ -532,7 +532,23 @@ class _FrozenQuant(nn.Module):
                 f"zero_point={int(self.zero_point.item())}")
 
 
-class Add(nn.Module):
+class _TwoOperands(nn.Module):
+    """A converted op of two operands, each with its frozen per-tensor quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_quant = _FrozenQuant(False)
+        self.other_quant = _FrozenQuant(False)
+
+    @classmethod
+    def from_qat(cls, mod: nn.Module):
+        new = cls()
+        new.input_quant = _FrozenQuant.from_quantizer(mod.input_quantizer)
+        new.other_quant = _FrozenQuant.from_quantizer(mod.other_quantizer)
+        return new.eval()
+
+
+class Add(_TwoOperands):
     """Converted :class:`qatx.nn.QuantAdd`: ``q_1(x) + q_2(y)`` with the frozen qparams, then a
     ReLU when ``relu`` (set by :func:`qatx.convert` when a ReLU alone reads the sum).
 
@@ -545,16 +561,7 @@ class Add(nn.Module):
 
     def __init__(self, relu: bool = False):
         super().__init__()
-        self.input_quant = _FrozenQuant(False)
-        self.other_quant = _FrozenQuant(False)
         self.relu = relu
-
-    @classmethod
-    def from_qat(cls, mod: nn.Module) -> "Add":
-        new = cls()
-        new.input_quant = _FrozenQuant.from_quantizer(mod.input_quantizer)
-        new.other_quant = _FrozenQuant.from_quantizer(mod.other_quantizer)
-        return new.eval()
 
     def _fusable(self, x: Tensor, y: Tensor) -> bool:
         a, b = self.input_quant, self.other_quant
@@ -575,7 +582,7 @@ class Add(nn.Module):
         return "relu=True" if self.relu else ""
 
 
-class Matmul(Add):
+class Matmul(_TwoOperands):
     """Converted :class:`qatx.nn.QuantMatmul`: ``q_1(a) @ q_2(b)`` with the frozen qparams."""
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
