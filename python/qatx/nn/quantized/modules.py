@@ -112,6 +112,11 @@ def _input_qparams(quantizer: nn.Module):
     raise TypeError(f"cannot convert an input quantized by {type(quantizer).__name__}")
 
 
+def _is_int8_input_range(quant_min: int, quant_max: int) -> bool:
+    """At most 8 bits inside [-128, 255]: the input ranges the INT8 ops take."""
+    return -128 <= quant_min < quant_max <= 255 and quant_max - quant_min <= 255
+
+
 def _check_calibrated(mod: nn.Module, name: str) -> None:
     from ...quantizers import FakeQuantize
     q = getattr(mod, name, None)
@@ -151,8 +156,7 @@ class _QuantizedLayer(nn.Module):
                     bias_size: int = -1, input_qparams: bool = True) -> None:
         if not 2 <= weight_bits <= 8:
             raise ValueError(f"weight_bits must be in [2, 8], got {weight_bits}")
-        if quantize_input and not (-128 <= input_quant_min < input_quant_max <= 255 and
-                                   input_quant_max - input_quant_min <= 255):
+        if quantize_input and not _is_int8_input_range(input_quant_min, input_quant_max):
             raise ValueError(f"input_quant_min={input_quant_min}, input_quant_max={input_quant_max}: the input range "
                              f"must be at most 8 bits inside [-128, 255]")
         self.weight_bits = weight_bits
@@ -565,10 +569,9 @@ class Add(_TwoOperands):
 
     def _fusable(self, x: Tensor, y: Tensor) -> bool:
         a, b = self.input_quant, self.other_quant
-        return (a.enabled and b.enabled and a.quant_min >= -128 and a.quant_max <= 255 and
-                a.quant_max - a.quant_min <= 255 and b.quant_min >= -128 and b.quant_max <= 255 and
-                b.quant_max - b.quant_min <= 255 and x.dtype == torch.float32 and y.dtype == torch.float32 and
-                x.shape == y.shape and x.device == y.device)
+        return (a.enabled and b.enabled and _is_int8_input_range(a.quant_min, a.quant_max) and
+                _is_int8_input_range(b.quant_min, b.quant_max) and x.dtype == torch.float32 and
+                y.dtype == torch.float32 and x.shape == y.shape and x.device == y.device)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if self._fusable(x, y):
