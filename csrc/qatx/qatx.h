@@ -8,6 +8,7 @@
 #include "qatx/ops/int8.h"
 #include "qatx/ops/lsq.h"
 #include "qatx/ops/observe.h"
+#include "qatx/ops/output_memory.h"
 
 #if defined(_WIN32)
 #define QATX_API __declspec(dllimport)

@@ -73,6 +73,10 @@ __all__ += ["convert", "compare", "model_size", "quantize_dynamic", "linear_int8
             "linear_int8_dynamic", "add_int8"]
 __all__ += ["save_checkpoint", "load_checkpoint"]
 
+from .memory import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit  # noqa: E402
+
+__all__ += ["cpu_cache_stats", "set_cpu_cache_limit", "empty_cpu_cache"]
+
 # ---- export: TorchScript, ONNX (QDQ), torch.export programs ----
 from . import export  # noqa: E402
 

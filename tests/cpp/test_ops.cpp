@@ -701,6 +701,24 @@ TEST_F(OpsTest, AddInt8EqualsTheFakeQuantizedSum) {
   EXPECT_THROW(qatx::ops::add_int8(x, sx, zx, 0, 255, y.narrow(3, 0, 2), sy, zy, -128, 127), c10::Error);
 }
 
+TEST_F(OpsTest, CpuOutputCacheReusesAFreedOutput) {
+  const int64_t previous = qatx::ops::set_cpu_cache_limit(int64_t{16} << 20);
+  qatx::ops::empty_cpu_cache();
+  const Tensor x = random_input({64, 1024});  // 256 KiB: cached
+  const Tensor s = random_scale({1}), z = random_zero_point({1}, {-128, 127});
+  const Tensor expected = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, -128, 127).clone();
+  { const Tensor freed = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, -128, 127); }
+  const qatx::ops::CpuCacheStats before = qatx::ops::cpu_cache_stats();
+  EXPECT_EQ(before.cached_bytes, x.numel() * 4);
+  const Tensor y = qatx::ops::fake_quantize_per_tensor_affine(x, s, z, -128, 127);
+  const qatx::ops::CpuCacheStats after = qatx::ops::cpu_cache_stats();
+  EXPECT_EQ(after.reused, before.reused + 1);
+  EXPECT_EQ(after.cached_bytes, 0);
+  EXPECT_TRUE(torch::equal(y, expected));
+  EXPECT_THROW(qatx::ops::set_cpu_cache_limit(-1), c10::Error);
+  qatx::ops::set_cpu_cache_limit(previous);
+}
+
 TEST(Meta, ShapesAndDtypes) {
   const auto meta = torch::TensorOptions().device(torch::kMeta);
   const Tensor x = torch::empty({4, 6, 8}, meta);

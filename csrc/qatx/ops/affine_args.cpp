@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "qatx/ops/output_memory.h"
+
 namespace qatx {
 namespace ops {
 
@@ -140,12 +142,12 @@ void check_qparam_values_cpu(const at::Tensor& scale, const at::Tensor& zero_poi
 
 at::Tensor empty_output_like(const at::Tensor& input, const Granularity& g, at::ScalarType dtype) {
   const auto options = input.options().dtype(dtype);
-  if (g.kind == Granularity::Kind::PerGroup) return at::empty_symint(input.sym_sizes(), options);
-  return at::empty_like(input, options);
+  if (g.kind == Granularity::Kind::PerGroup) return empty_output(input.sym_sizes(), options);
+  return empty_like_output(input, options);
 }
 
 at::Tensor empty_mask_for(const at::Tensor& input) {
-  return at::empty_symint({(input.sym_numel() + 7) / 8}, input.options().dtype(at::kByte));
+  return empty_output({(input.sym_numel() + 7) / 8}, input.options().dtype(at::kByte));
 }
 
 at::Tensor dense_input_like_output(const at::Tensor& input, const Granularity& g) {

@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "qatx/ops/affine_args.h"
+#include "qatx/ops/output_memory.h"
 
 namespace qatx {
 namespace ops {
@@ -92,7 +93,7 @@ struct AffineKernels {
     TORCH_CHECK(mask.sym_numel() == (grad_output.sym_numel() + 7) / 8, op, ": mask must have ceil(numel / 8) = ",
                 (grad_output.sym_numel() + 7) / 8, " bytes for grad_output of shape ", grad_output.sym_sizes(),
                 ", got ", mask.sym_numel());
-    Tensor out = at::empty_like(grad_output);
+    Tensor out = empty_like_output(grad_output, grad_output.options());
     if constexpr (Backend::kRunsKernels) {
       TORCH_CHECK(grad_output.is_non_overlapping_and_dense(), op,
                   ": grad_output must be dense (its memory order defines the mask's bit order)");

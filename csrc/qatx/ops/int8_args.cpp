@@ -8,6 +8,7 @@
 #include "qatx/kernels/quant_math.h"
 #include "qatx/ops/affine.h"
 #include "qatx/ops/affine_args.h"
+#include "qatx/ops/output_memory.h"
 
 namespace qatx {
 namespace ops {
@@ -154,7 +155,7 @@ ConvGeometry check_convolution(const at::Tensor& input, const at::Tensor& weight
 }
 
 at::Tensor empty_conv_output(const ConvGeometry& geo, bool transposed, const at::TensorOptions& options) {
-  if (transposed) return at::empty_symint(geo.output_shape, options);
+  if (transposed) return empty_output(geo.output_shape, options);
   const int64_t d = geo.spatial;
   std::vector<c10::SymInt> strides(d + 2);
   strides[1] = 1;
@@ -164,7 +165,7 @@ at::Tensor empty_conv_output(const ConvGeometry& geo, bool transposed, const at:
     s = s * geo.output_shape[2 + i];
   }
   strides[0] = s;
-  return at::empty_strided_symint(geo.output_shape, strides, options);
+  return empty_output(geo.output_shape, strides, options);
 }
 
 at::Tensor in_conv_layout(const at::Tensor& y, const ConvGeometry& geo, bool transposed) {

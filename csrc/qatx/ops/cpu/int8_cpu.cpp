@@ -27,6 +27,7 @@
 
 #include "qatx/ops/cpu/cpu_kernels.h"
 #include "qatx/ops/cpu/int16_gemm.h"
+#include "qatx/ops/output_memory.h"
 
 namespace qatx {
 namespace ops {
@@ -164,7 +165,7 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   const int16_gemm::PackedB& b = packed->front();
   const at::Tensor x = input.contiguous();
   const int64_t m = x.numel() / k;
-  at::Tensor out = at::empty_symint(int8::linear_output_shape(input, weight), input.options());
+  at::Tensor out = empty_output(int8::linear_output_shape(input, weight), input.options());
   if (m == 0) return out;
   // Rows of b.kp int16 (an odd K gets a zero column).
   const float* xp = x.const_data_ptr<float>();

@@ -1,0 +1,171 @@
+#include "qatx/ops/output_memory.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace qatx {
+namespace ops {
+
+namespace {
+
+constexpr size_t kPage = 4096;
+
+// Cached blocks by size; `order` lists them oldest first, for eviction.
+class CachingCpuAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < static_cast<size_t>(kMinCachedBytes)) return c10::GetCPUAllocator()->allocate(n);
+    const size_t size = (n + kPage - 1) / kPage * kPage;
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(size);
+      if (it != free_.end() && !it->second.empty()) {
+        ptr = it->second.back()->ptr;
+        order_.erase(it->second.back());
+        it->second.pop_back();
+        cached_ -= size;
+        ++reused_;
+      } else {
+        ++allocated_;
+      }
+    }
+    if (ptr == nullptr) ptr = c10::alloc_cpu(size);
+    return {ptr, new Block{ptr, size}, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  CpuCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(cached_), static_cast<int64_t>(limit_), reused_, allocated_};
+  }
+
+  int64_t set_limit(int64_t limit) {
+    std::vector<void*> freed;
+    int64_t previous;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      previous = static_cast<int64_t>(limit_);
+      limit_ = static_cast<size_t>(limit);
+      evict(0, freed);
+    }
+    for (void* p : freed) c10::free_cpu(p);
+    return previous;
+  }
+
+  int64_t empty() {
+    std::vector<void*> freed;
+    size_t bytes;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      bytes = cached_;
+      const size_t limit = limit_;
+      limit_ = 0;
+      evict(0, freed);
+      limit_ = limit;
+    }
+    for (void* p : freed) c10::free_cpu(p);
+    return static_cast<int64_t>(bytes);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+
+  static void give_back(void* ctx);
+
+  // Frees the oldest blocks (collected in `freed`, released outside the lock) until `extra` more
+  // bytes fit under the limit.
+  void evict(size_t extra, std::vector<void*>& freed) {
+    while (!order_.empty() && cached_ + extra > limit_) {
+      const Block b = order_.front();
+      auto& same = free_[b.size];
+      same.erase(same.begin());  // the oldest of its size is the first
+      order_.pop_front();
+      cached_ -= b.size;
+      freed.push_back(b.ptr);
+    }
+  }
+
+  void keep(Block b) {
+    std::vector<void*> freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (b.size <= limit_) {
+        evict(b.size, freed);
+        order_.push_back(b);
+        free_[b.size].push_back(std::prev(order_.end()));
+        cached_ += b.size;
+      } else {
+        freed.push_back(b.ptr);
+      }
+    }
+    for (void* p : freed) c10::free_cpu(p);
+  }
+
+  std::mutex mutex_;
+  std::list<Block> order_;
+  std::unordered_map<size_t, std::vector<std::list<Block>::iterator>> free_;
+  size_t cached_ = 0, limit_ = size_t{512} << 20;
+  int64_t reused_ = 0, allocated_ = 0;
+};
+
+// Never destroyed: tensors may be freed during interpreter shutdown, after static destructors.
+CachingCpuAllocator& cache() {
+  static auto* allocator = new CachingCpuAllocator();
+  return *allocator;
+}
+
+void CachingCpuAllocator::give_back(void* ctx) {
+  std::unique_ptr<Block> b(static_cast<Block*>(ctx));
+  cache().keep(*b);
+}
+
+}  // namespace
+
+CpuCacheStats cpu_cache_stats() { return cache().stats(); }
+
+int64_t set_cpu_cache_limit(int64_t limit_bytes) {
+  TORCH_CHECK(limit_bytes >= 0, "set_cpu_cache_limit: limit_bytes must be >= 0, got ", limit_bytes);
+  return cache().set_limit(limit_bytes);
+}
+
+int64_t empty_cpu_cache() { return cache().empty(); }
+
+at::Tensor empty_output(c10::SymIntArrayRef sizes, c10::SymIntArrayRef strides, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty_strided_symint(sizes, strides, options);
+  return at::detail::empty_strided_generic(C10_AS_INTARRAYREF_SLOW(sizes), C10_AS_INTARRAYREF_SLOW(strides), &cache(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           c10::typeMetaToScalarType(options.dtype()));
+}
+
+at::Tensor empty_output(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty_symint(sizes, options);
+  return at::detail::empty_generic(C10_AS_INTARRAYREF_SLOW(sizes), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+at::Tensor empty_like_output(const at::Tensor& input, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty_like(input, options);
+  if (input.is_non_overlapping_and_dense()) return empty_output(input.sym_sizes(), input.sym_strides(), options);
+  return at::detail::empty_generic(input.sizes(), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), input.suggest_memory_format());
+}
+
+}  // namespace ops
+}  // namespace qatx
