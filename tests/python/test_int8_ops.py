@@ -113,6 +113,30 @@ def test_linear_int8_row_counts(m, k):
     _check_linear_exact_at_1_and_2_threads(m, k, 20, -3, (-128, 127), True, m * 100 + k)
 
 
+@pytest.mark.parametrize("weight_zero_point", [0, -1, 1])
+@pytest.mark.parametrize("m", [1, 7])
+def test_linear_int8_one_row_tiles_with_int8_and_int16_panels(m, weight_zero_point):
+    """One-row tiles (batch 1, a lone last row) read the weight panels as int8 when every
+    centered weight fits int8 (zero point 0, weights at -128 and 127), and as int16 when one is
+    128 (zero point -1) or -129 (zero point 1): exact either way, at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(m * 10 + weight_zero_point)
+    k, n = 301, 40
+    x = torch.randn(m, k, generator=gen) * 3
+    s, z = torch.tensor([0.02]), torch.tensor([128], dtype=torch.int32)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[:, 0], w[:, 1] = -128, 127
+    sw, zw = torch.rand(n, generator=gen) * 0.01 + 0.001, torch.full((n,), weight_zero_point, dtype=torch.int32)
+    bias = torch.randint(-500, 500, (n,), generator=gen, dtype=torch.int32)
+    old = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            y = qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, bias, False)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(y, ref_linear(x, s, z, 0, 255, w, sw, zw, bias, False))
+
+
 @pytest.mark.parametrize("m", [1, 100, 250])
 def test_linear_int8_weight_larger_than_l2(m):
     """A weight whose packed form exceeds the L2 cache (512 x 601: 616 KB packed) takes the

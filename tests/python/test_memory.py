@@ -83,6 +83,9 @@ def test_outputs_are_ordinary_tensors(cache_limit):
     x = torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
     y = fq(x)
     assert y.stride() == x.stride()  # the input's layout, as before
+    for t in (x.transpose(1, 3), x.transpose(1, 3)[..., :1].expand(8, 32, 32, 5)):  # permuted; not dense
+        assert fq(t).stride() == torch.empty_like(t).stride()
+        assert torch.equal(fq(t), fq(t.contiguous()))
     y.resize_(4, 1024, 256)  # larger: new memory through the same allocator
     y.fill_(1.0)
     assert y.sum().item() == 4 * 1024 * 256

@@ -1,6 +1,7 @@
 #include "qatx/ops/output_memory.h"
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/empty_strided.h>
@@ -163,8 +164,10 @@ at::Tensor empty_output(c10::SymIntArrayRef sizes, const at::TensorOptions& opti
 at::Tensor empty_like_output(const at::Tensor& input, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty_like(input, options);
   if (input.is_non_overlapping_and_dense()) return empty_output(input.sym_sizes(), input.sym_strides(), options);
-  return at::detail::empty_generic(input.sizes(), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), input.suggest_memory_format());
+  // As at::empty_like: dense strides in the input's stride order.
+  const std::vector<int64_t> strides = at::infer_dense_strides(input.sizes(), input.strides());
+  return at::detail::empty_strided_generic(input.sizes(), strides, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           c10::typeMetaToScalarType(options.dtype()));
 }
 
 }  // namespace ops

@@ -61,13 +61,17 @@ int16_t centered(int32_t w, int32_t z, PackedB& b) {
 PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
   PackedB b = zeroed(n, k);
   const int64_t pairs = b.kp / 2;
+  bool fits_int8 = true;
   for (int64_t c = 0; c < n; ++c) {
     int16_t* panel = b.panels.data() + (c / kPanel) * pairs * kPanel * 2;
     const int64_t j = c % kPanel;
     for (int64_t kk = 0; kk < k; ++kk) {
-      panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = centered(rows[c * k + kk], zero_points[c], b);
+      const int16_t v = centered(rows[c * k + kk], zero_points[c], b);
+      fits_int8 = fits_int8 && v >= -128 && v <= 127;
+      panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = v;
     }
   }
+  if (fits_int8) b.panels8.assign(b.panels.begin(), b.panels.end());
   return b;
 }
 
@@ -95,6 +99,12 @@ PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, con
 #if QATX_INT16_GEMM
 namespace {
 
+// 16 consecutive panel entries as int16.
+QATX_AVX2 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+QATX_AVX2 inline __m256i load16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // acc[6][16] = A[6 rows] * B panel. Row i of A is `segments` runs of 2 * pairs int16 each, run s
 // starting at starts[s * 6 + i] (im2col without the copy: a run is one input pixel's channels).
 // Named accumulators (not an array) keep GCC from spilling them: 12 accumulators + 2 B + 1 A +
@@ -107,8 +117,7 @@ QATX_AVX2 void tile(const int16_t* const* starts, int64_t segments, int64_t pair
     const int16_t* const* r = starts + seg * kTileRows;
     const int16_t *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3], *a4 = r[4], *a5 = r[5];
     for (int64_t kk = 0; kk < pairs; ++kk, panel += 2 * kPanel) {
-      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel));
-      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel));
+      const __m256i b0 = load16(panel), b1 = load16(panel + kPanel);
       // Broadcast (a[2kk], a[2kk + 1]) of a row as the 32-bit pair vpmaddwd multiplies with b's.
 #define QATX_ROW(a, c0, c1)                                             \
   {                                                                     \
@@ -137,7 +146,8 @@ QATX_AVX2 void tile(const int16_t* const* starts, int64_t segments, int64_t pair
 }
 
 // tile() for a single row (batch-1 inference would otherwise compute six).
-QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t pairs, const int16_t* panel,
+template <typename Panel>
+QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t pairs, const Panel* panel,
                         int32_t* acc) {
   __m256i c0 = _mm256_setzero_si256(), c1 = c0, d0 = c0, d1 = c0;  // two chains each, for latency
   for (int64_t seg = 0; seg < segments; ++seg) {
@@ -148,17 +158,17 @@ QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t 
       std::memcpy(&p0, a + 2 * kk, sizeof p0);
       std::memcpy(&p1, a + 2 * kk + 2, sizeof p1);
       const __m256i a0 = _mm256_set1_epi32(p0), a1 = _mm256_set1_epi32(p1);
-      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel))));
-      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel))));
-      d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 2 * kPanel))));
-      d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 3 * kPanel))));
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, load16(panel)));
+      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, load16(panel + kPanel)));
+      d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(a1, load16(panel + 2 * kPanel)));
+      d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(a1, load16(panel + 3 * kPanel)));
     }
     for (; kk < pairs; ++kk, panel += 2 * kPanel) {
       int32_t p0;
       std::memcpy(&p0, a + 2 * kk, sizeof p0);
       const __m256i a0 = _mm256_set1_epi32(p0);
-      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel))));
-      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel))));
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(a0, load16(panel)));
+      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(a0, load16(panel + kPanel)));
     }
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc), _mm256_add_epi32(c0, d0));
@@ -306,8 +316,15 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
       const int64_t p_begin = slice * per_slice, p_end = std::min(panels, (slice + 1) * per_slice);
       auto multiply = [&](int64_t i, int64_t p) {  // tile at row i of the block, panel p
         const int64_t mr = std::min(kTileRows, rows - i), col = p * kPanel;
-        (mr == 1 ? tile_row : tile)(starts.data() + i / kTileRows * tile_starts, segments, pairs,
-                                    b.panels.data() + p * (b.kp / 2) * kPanel * 2, acc);
+        const int16_t* const* tile_rows = starts.data() + i / kTileRows * tile_starts;
+        const int64_t offset = p * (b.kp / 2) * kPanel * 2;
+        if (mr > 1) {
+          tile(tile_rows, segments, pairs, b.panels.data() + offset, acc);
+        } else if (!b.panels8.empty()) {
+          tile_row(tile_rows, segments, pairs, b.panels8.data() + offset, acc);
+        } else {
+          tile_row(tile_rows, segments, pairs, b.panels.data() + offset, acc);
+        }
         store_tile(acc, mr, col, std::min(kPanel, b.n - col), epilogue, y + (first + i) * ldy + col, ldy);
       };
       if (panel_outer) {

@@ -18,9 +18,13 @@ bool supported();
 
 // B as panels of 16 columns: panel p, reduction pair kk holds, for its 16 columns j, the
 // neighbouring pair (b[2kk, j], b[2kk + 1, j]); K is padded with zeros to kp (even), the last
-// panel's missing columns are zero.
+// panel's missing columns are zero. When every b fits int8 (weights without a zero point), a
+// copy of the panels as int8 (`panels8`, same layout, widened as loaded) serves the one-row
+// tiles: half the bytes to stream, which is what bounds a batch-1 linear layer. Six-row tiles
+// are bound by the multiplies instead, and the widening would slow them (by 25-30% measured).
 struct PackedB {
   std::vector<int16_t> panels;
+  std::vector<int8_t> panels8;  // empty, or the panels as int8 (gemm's one-row tiles)
   int64_t n = 0, k = 0, kp = 0;
   int32_t max_abs = 0;  // largest |b|
 };
