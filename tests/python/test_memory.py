@@ -103,3 +103,15 @@ def test_bad_limits_are_rejected():
         qatx.set_cpu_cache_limit(-1)
     with pytest.raises(TypeError, match="limit_bytes must be an int"):
         qatx.set_cpu_cache_limit(1.5)
+
+
+def test_the_profiler_sees_cached_outputs_while_they_live(cache_limit):
+    x = torch.randn(256, 1024)
+    y = fq(x)
+    del y  # a cached block
+    from torch.profiler import profile
+    with profile(profile_memory=True) as prof:
+        y = fq(x)  # reused block: no new memory, but an allocation to the profiler
+        del y
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert 256 * 1024 * 4 in sizes and -256 * 1024 * 4 in sizes

@@ -42,6 +42,8 @@ class CachingCpuAllocator final : public c10::Allocator {
       }
     }
     if (ptr == nullptr) ptr = c10::alloc_cpu(size);
+    // As the default CPU allocator: the profiler's memory view sees the output while it lives.
+    c10::profiledCPUMemoryReporter().New(ptr, n);
     return {ptr, new Block{ptr, size}, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -134,6 +136,7 @@ CachingCpuAllocator& cache() {
 
 void CachingCpuAllocator::give_back(void* ctx) {
   std::unique_ptr<Block> b(static_cast<Block*>(ctx));
+  c10::profiledCPUMemoryReporter().Delete(b->ptr);
   cache().keep(*b);
 }
 
