@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_strided.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/strides.h>
 
 #include <cstring>
 #include <list>
@@ -63,9 +64,9 @@ class CachingCpuAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       previous = static_cast<int64_t>(limit_);
       limit_ = static_cast<size_t>(limit);
-      evict(0, freed);
+      evict_to(limit_, freed);
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
     return previous;
   }
 
@@ -75,12 +76,9 @@ class CachingCpuAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       bytes = cached_;
-      const size_t limit = limit_;
-      limit_ = 0;
-      evict(0, freed);
-      limit_ = limit;
+      evict_to(0, freed);
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
     return static_cast<int64_t>(bytes);
   }
 
@@ -92,10 +90,10 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   static void give_back(void* ctx);
 
-  // Frees the oldest blocks (collected in `freed`, released outside the lock) until `extra` more
-  // bytes fit under the limit.
-  void evict(size_t extra, std::vector<void*>& freed) {
-    while (!order_.empty() && cached_ + extra > limit_) {
+  // Takes the oldest blocks out (into `freed`, released outside the lock by free_all) until at
+  // most `target` bytes are cached.
+  void evict_to(size_t target, std::vector<void*>& freed) {
+    while (!order_.empty() && cached_ > target) {
       const Block b = order_.front();
       auto& same = free_[b.size];
       same.erase(same.begin());  // the oldest of its size is the first
@@ -105,12 +103,16 @@ class CachingCpuAllocator final : public c10::Allocator {
     }
   }
 
+  static void free_all(const std::vector<void*>& freed) {
+    for (void* p : freed) c10::free_cpu(p);
+  }
+
   void keep(Block b) {
     std::vector<void*> freed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (b.size <= limit_) {
-        evict(b.size, freed);
+        evict_to(limit_ - b.size, freed);
         order_.push_back(b);
         free_[b.size].push_back(std::prev(order_.end()));
         cached_ += b.size;
@@ -118,7 +120,7 @@ class CachingCpuAllocator final : public c10::Allocator {
         freed.push_back(b.ptr);
       }
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
   }
 
   std::mutex mutex_;
@@ -151,26 +153,30 @@ int64_t set_cpu_cache_limit(int64_t limit_bytes) {
 
 int64_t empty_cpu_cache() { return cache().empty(); }
 
+namespace {
+// A CPU tensor whose memory comes from the cache.
+at::Tensor cached_cpu_tensor(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+  return at::detail::empty_strided_generic(sizes, strides, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           c10::typeMetaToScalarType(options.dtype()));
+}
+}  // namespace
+
 at::Tensor empty_output(c10::SymIntArrayRef sizes, c10::SymIntArrayRef strides, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty_strided_symint(sizes, strides, options);
-  return at::detail::empty_strided_generic(C10_AS_INTARRAYREF_SLOW(sizes), C10_AS_INTARRAYREF_SLOW(strides), &cache(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                           c10::typeMetaToScalarType(options.dtype()));
+  return cached_cpu_tensor(C10_AS_INTARRAYREF_SLOW(sizes), C10_AS_INTARRAYREF_SLOW(strides), options);
 }
 
 at::Tensor empty_output(c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty_symint(sizes, options);
-  return at::detail::empty_generic(C10_AS_INTARRAYREF_SLOW(sizes), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  const at::IntArrayRef concrete = C10_AS_INTARRAYREF_SLOW(sizes);
+  return cached_cpu_tensor(concrete, c10::contiguous_strides(concrete), options);
 }
 
 at::Tensor empty_like_output(const at::Tensor& input, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty_like(input, options);
-  if (input.is_non_overlapping_and_dense()) return empty_output(input.sym_sizes(), input.sym_strides(), options);
+  if (input.is_non_overlapping_and_dense()) return cached_cpu_tensor(input.sizes(), input.strides(), options);
   // As at::empty_like: dense strides in the input's stride order.
-  const std::vector<int64_t> strides = at::infer_dense_strides(input.sizes(), input.strides());
-  return at::detail::empty_strided_generic(input.sizes(), strides, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                           c10::typeMetaToScalarType(options.dtype()));
+  return cached_cpu_tensor(input.sizes(), at::infer_dense_strides(input.sizes(), input.strides()), options);
 }
 
 }  // namespace ops
