@@ -10,6 +10,10 @@ output, with ``ref`` the QAT module's output and ``out`` the INT8 module's:
 * ``sqnr_db`` = :math:`10 \log_{10}(\sum ref^2 / \sum (out - ref)^2)` (``inf`` when equal),
 * ``top1_agree`` (model output only, for ``[N, classes]`` logits): the fraction of rows whose
   argmax agrees.
+
+A layer that writes its consumers' integers (``integer_activations``) is compared on that grid:
+its integers dequantized against the QAT output fake-quantized to the same grid, which is what
+the consumers see in both models.
 """
 import copy
 import io
@@ -94,7 +98,79 @@ def _fuse_relus(model: nn.Module) -> None:
             _set_module(model, user.target, nn.Identity())
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+# Nodes that only move or relabel a tensor's elements: integer activations pass through them.
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Flatten, nn.Dropout)
+_PASS_THROUGH_FUNCTIONS = {torch.flatten, torch.reshape}
+_PASS_THROUGH_METHODS = {"flatten", "reshape", "view"}
+
+
+def _passes_through(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _PASS_THROUGH_MODULES)
+    return (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS)
+
+
+def _input_grid(user: torch.fx.Node, value: torch.fx.Node, modules: Dict[str, nn.Module]) -> Optional[tuple]:
+    """The grid (scale, zero point, quant_min, quant_max) the INT8 module `user` quantizes
+    `value` to, or None when it does not take it as integers."""
+    mod = modules.get(user.target) if user.op == "call_module" else None
+    if isinstance(mod, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)):
+        if not mod.quantize_input or getattr(mod, "padding_mode", "zeros") != "zeros" or \
+                len(user.args) != 1 or user.args[0] is not value or user.kwargs:
+            return None
+        return (float(mod.input_scale), int(mod.input_zero_point), mod.input_quant_min, mod.input_quant_max)
+    if isinstance(mod, nnq.Add) and len(user.args) == 2 and not user.kwargs:
+        grids = {(float(q.scale), int(q.zero_point), q.quant_min, q.quant_max) if q.enabled else None
+                 for arg, q in zip(user.args, (mod.input_quant, mod.other_quant)) if arg is value}
+        return grids.pop() if len(grids) == 1 else None
+    return None
+
+
+def _chain_integer_activations(model: nn.Module) -> int:
+    """Gives every INT8 Linear/Conv/Add whose output reaches only INT8 layers (directly or through
+    reshapes), all quantizing it to the same grid, that grid as its output grid: the layers then
+    pass uint8/int8 tensors instead of float32. Read from the torch.fx graph; a model that does
+    not trace is left as it is. Returns the number of layers changed."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # data-dependent control flow: float32 between layers
+        return 0
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    changed = 0
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if type(layer) not in _RELU_FUSABLE or calls[node.target] != 1 or \
+                not getattr(layer, "quantize_input", True) or layer.output_scale is not None:
+            continue
+        grids, frontier, ok = set(), [node], True
+        while frontier and ok:
+            value = frontier.pop()
+            for user in value.users:
+                if _passes_through(user, modules) and user.args and user.args[0] is value and \
+                        value not in user.args[1:] and value not in user.kwargs.values():
+                    frontier.append(user)
+                    continue
+                grid = _input_grid(user, value, modules)
+                ok = grid is not None
+                if not ok:
+                    break
+                grids.add(grid)
+        if ok and len(grids) == 1:
+            scale, zero_point, qmin, qmax = grids.pop()
+            if 0 <= qmin or qmax <= 127:
+                device = next(iter(layer.buffers())).device
+                layer.quantize_output_to(torch.tensor([scale], device=device),
+                                         torch.tensor([zero_point], dtype=torch.int32, device=device), qmin, qmax)
+                changed += 1
+    return changed
+
+
+def convert(model: nn.Module, inplace: bool = False, integer_activations: bool = True) -> nn.Module:
     """The INT8 model of a QAT model prepared by :func:`qatx.prepare_qat` and trained (or calibrated).
 
     Every QAT layer (``qatx.nn.qat``, fused Conv-BN(-ReLU) and Linear-BN folded with the BN's
@@ -104,6 +180,13 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     torch.fx graph when the model traces) becomes that module's fused ReLU and an ``nn.Identity``. The
     integer weights are exactly those the weight fake-quantize produced. The result is in eval
     mode.
+
+    ``integer_activations`` (default True): an INT8 Linear/Conv/Add whose output only feeds INT8
+    layers that quantize it to one grid (directly, or through ``nn.Identity``, ``nn.Flatten``,
+    ``nn.Dropout``, ``flatten``, ``reshape``, ``view``) writes that grid's integers (uint8 / int8)
+    instead of float32, and the consumers read them as they are: the same results bit for bit,
+    without a float32 tensor and a quantization pass between the layers. The model's outputs
+    and everything else stay float32.
 
     Raises ``TypeError`` for a non-module, ``ValueError`` when the model has no QAT module
     (call :func:`qatx.prepare_qat` first) or a layer's input quantizer never observed data.
@@ -127,6 +210,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             return converted[id(mod)].eval()
         _set_module(model, name, converted[id(mod)])
     _fuse_relus(model)
+    if integer_activations:
+        _chain_integer_activations(model)
     return model.eval()
 
 
@@ -177,17 +262,25 @@ def compare(qat_model: nn.Module, int8_model: nn.Module, inputs: Any) -> Table:
     records: Dict[str, Dict[str, List[Tensor]]] = {n: {"ref": [], "out": []} for n in names + [""]}
     hooks = []
 
-    def hook(name: str, key: str, relu: bool = False):
-        def fn(_mod, _inp, out):
+    def hook(name: str, key: str, relu: bool = False, grid: Optional[nn.Module] = None):
+        def fn(mod, _inp, out):
             t = _first_tensor(out)
             if t is not None:
-                records[name][key].append((t.detach().relu() if relu else t.detach()).float().cpu())
+                t = t.detach().relu() if relu else t.detach()
+                if not t.is_floating_point() and hasattr(mod, "dequantize_output"):
+                    t = mod.dequantize_output(t)  # a layer writing its consumers' integers
+                if grid is not None:  # the QAT output as those consumers see it
+                    t = torch.ops.qatx.fake_quantize_per_tensor_affine(
+                        t.float(), grid.output_scale.to(t.device), grid.output_zero_point.to(t.device),
+                        grid.output_quant_min, grid.output_quant_max)
+                records[name][key].append(t.float().cpu())
         return fn
 
     for n in names:
         # A ReLU that convert fused into the INT8 layer is applied to the QAT layer's output too.
         fused_relu = bool(getattr(int8_layers[n], "relu", False)) and not getattr(qat_layers[n], "with_relu", False)
-        hooks.append(qat_layers[n].register_forward_hook(hook(n, "ref", fused_relu)))
+        grid = int8_layers[n] if getattr(int8_layers[n], "output_scale", None) is not None else None
+        hooks.append(qat_layers[n].register_forward_hook(hook(n, "ref", fused_relu, grid)))
         hooks.append(int8_layers[n].register_forward_hook(hook(n, "out")))
     modes = (qat_model.training, int8_model.training)
     # Observers would move the QAT model's qparams while it is being compared.

@@ -238,7 +238,8 @@ def fake_quantize_pact(input: Tensor, alpha: Tensor, bits: int, is_signed: bool)
 
 def linear_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int,
                 input_quant_max: int, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
-                bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                bias: Optional[Tensor] = None, relu: bool = False, output_scale: Optional[Tensor] = None, output_zero_point: Optional[Tensor] = None,
+                output_quant_min: int = 0, output_quant_max: int = 255) -> Tensor:
     r"""INT8 linear layer: float32 ``input [..., K]`` → float32 ``[..., N]``.
 
     .. math::
@@ -254,23 +255,36 @@ def linear_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, in
     exact (int32 in the CPU int16 GEMM and cuBLASLt, float64 in the reference route); the
     epilogue is computed in float64 and rounded once to float32, so the CPU routes give the same
     bits. See docs/ops.md.
+
+    Integer activations (what :func:`qatx.convert` chains between INT8 layers): ``input`` may be
+    uint8 (``input_quant_min >= 0``) or int8 (``input_quant_max <= 127``) holding :math:`q`
+    itself, clamped to ``[input_quant_min, input_quant_max]``. With ``output_scale`` and
+    ``output_zero_point`` (one element each; the range inside ``[0, 255]``, uint8 output, or
+    ``[-128, 127]``, int8 output) the output is
+    :math:`\mathrm{clamp}(\mathrm{rint}(y \cdot (1/s_{out})) + z_{out},\ q_{min}, q_{max})`,
+    bit-identical to ``quantize_per_tensor_affine`` of the float32 output.
     """
     return torch.ops.qatx.linear_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max, weight,
-                                      weight_scale, weight_zero_point, bias, relu)
+                                      weight_scale, weight_zero_point, bias, relu, output_scale, output_zero_point,
+                                      output_quant_min, output_quant_max)
 
 
 def convolution_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int,
                      input_quant_max: int, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
                      bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
-                     transposed: bool, output_padding: List[int], groups: int, relu: bool = False) -> Tensor:
+                     transposed: bool, output_padding: List[int], groups: int, relu: bool = False,
+                     output_scale: Optional[Tensor] = None, output_zero_point: Optional[Tensor] = None,
+                     output_quant_min: int = 0, output_quant_max: int = 255) -> Tensor:
     r"""INT8 convolution (1-3 spatial dimensions, transposed or not) with the arguments of
     ``torch.convolution``; quantization and epilogue as :func:`linear_int8`, with per-tensor or
     per-output-channel weight qparams. The input is zero-padded in real terms (the padded
-    integer is :math:`z_{in}`). Non-transposed outputs are channels-last tensors.
+    integer is :math:`z_{in}`). Non-transposed outputs are channels-last tensors. Integer input
+    and output as :func:`linear_int8`.
     """
     return torch.ops.qatx.convolution_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max,
                                            weight, weight_scale, weight_zero_point, bias, stride, padding, dilation,
-                                           transposed, output_padding, groups, relu)
+                                           transposed, output_padding, groups, relu, output_scale, output_zero_point,
+                                           output_quant_min, output_quant_max)
 
 
 def linear_int8_dynamic(input: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
@@ -287,7 +301,8 @@ def linear_int8_dynamic(input: Tensor, weight: Tensor, weight_scale: Tensor, wei
 
 def add_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int, input_quant_max: int,
              other: Tensor, other_scale: Tensor, other_zero_point: Tensor, other_quant_min: int, other_quant_max: int,
-             relu: bool = False) -> Tensor:
+             relu: bool = False, output_scale: Optional[Tensor] = None, output_zero_point: Optional[Tensor] = None,
+             output_quant_min: int = 0, output_quant_max: int = 255) -> Tensor:
     r"""INT8 add (a converted :class:`qatx.nn.QuantAdd`): each float32 input quantized per tensor
     to its own grid of at most 8 bits inside ``[-128, 255]``, dequantized, and summed in float32:
 
@@ -300,6 +315,9 @@ def add_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input
     ``fake_quantize_per_tensor_affine(input, ...) + fake_quantize_per_tensor_affine(other, ...)``
     (then ``torch.relu``). ``other`` must have ``input``'s shape and device (no broadcasting); the
     output has ``input``'s memory layout (channels-last stays channels-last). Not differentiable.
+    Either input may be uint8 / int8 holding its integers, and the output may be quantized, as in
+    :func:`linear_int8` (a NaN sum is then an error).
     """
     return torch.ops.qatx.add_int8(input, input_scale, input_zero_point, input_quant_min, input_quant_max, other,
-                                   other_scale, other_zero_point, other_quant_min, other_quant_max, relu)
+                                   other_scale, other_zero_point, other_quant_min, other_quant_max, relu, output_scale,
+                                   output_zero_point, output_quant_min, output_quant_max)

@@ -260,6 +260,11 @@ def test_whole_model_parity_and_top1(kind):
         assert r["sqnr_db"] > 30, str(report)
     text = str(report)
     assert "max_err_lsb" in text and "(model output)" in text
+    # Integer activations (the default) change no bit of the output.
+    chained = [n for n, m in int8.named_modules() if getattr(m, "output_scale", None) is not None]
+    assert chained
+    with torch.no_grad():
+        assert torch.equal(int8(xs[0]), qatx.convert(qat_model, integer_activations=False)(xs[0]))
     if kind == "cnn":
         assert isinstance(int8.conv1, nnq.Conv2d) and int8.conv1.relu and isinstance(int8.add, nnq.Add)
         assert "relu=True" in repr(int8.conv1)
@@ -310,7 +315,7 @@ class _Residual(nn.Module):
 def test_convert_fuses_the_relu_after_an_add_into_one_add_int8():
     torch.manual_seed(0)
     qat_model = calibrate(qatx.prepare_qat(_Residual(), qatx.presets.W8A8), lambda: (torch.randn(8, 4, 6, 6),))
-    int8 = qatx.convert(qat_model)
+    int8 = qatx.convert(qat_model, integer_activations=False)  # float32 between layers
     assert int8.add.relu and isinstance(int8.relu, nn.Identity) and "relu=True" in repr(int8.add)
     assert not int8.add2.relu and isinstance(int8.relu2, nn.ReLU)
     x = torch.randn(5, 4, 6, 6).to(memory_format=torch.channels_last)
@@ -327,8 +332,91 @@ def test_convert_fuses_the_relu_after_an_add_into_one_add_int8():
         assert torch.equal(torch.jit.script(int8)(x), y)
         assert torch.equal(torch.compile(int8, fullgraph=True, backend="eager")(x), y)
         assert torch.equal(torch.export.export(int8, (x,)).module()(x), y)
+        # With integer activations (convert's default) the conv writes the add's uint8 codes and the
+        # fused add those of add2's first operand (through the Identity left by the ReLU); add2
+        # also feeds the output and stays float32. The model's bits do not change.
+        chained = qatx.convert(qat_model)
+        assert chained.conv.output_scale is not None and chained.add.output_scale is not None
+        assert chained.add2.output_scale is None
+        codes = chained.conv(x)
+        assert codes.dtype == torch.uint8 and torch.equal(chained.add(codes, b), chained.add(a, b))
+        assert torch.equal(chained.conv.dequantize_output(codes), int8.add.input_quant(a))
+        assert "output=uint8 [0, 255]" in repr(chained.conv)
+        assert torch.equal(chained(x), y)
+        assert torch.equal(torch.jit.script(chained)(x), y)
+        assert torch.equal(torch.compile(chained, fullgraph=True, backend="eager")(x), y)
+        assert torch.equal(torch.export.export(chained, (x,)).module()(x), y)
     rows = {r["layer"]: r for r in qatx.compare(qat_model, int8, [x]).rows}
     assert rows["add"]["max_err_lsb"] <= 1.0 and rows["(model output)"]["max_err_lsb"] <= 1.0
+    chained_rows = {r["layer"]: r for r in qatx.compare(qat_model, chained, [x]).rows}
+    assert chained_rows["(model output)"] == rows["(model output)"]
+    assert chained_rows["conv"]["max_err_lsb"] <= 1.0 and chained_rows["add"]["max_err_lsb"] <= 1.0
+
+
+class _Chains(nn.Module):
+    """conv1 feeds conv2 through a view-free path, conv2 a Linear through flatten; conv3's output
+    is read by two consumers on different grids and by nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.conv3 = nn.Conv2d(3, 4, 1)
+        self.scaled = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        y = self.fc(torch.flatten(self.conv2(self.relu1(self.conv1(x))), 1))
+        z = self.conv3(x)
+        return y + self.scaled(z.reshape(z.shape[0], -1)) + self.scaled(2 * z.reshape(z.shape[0], -1))
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        if float(y.sum()) > 1e9:  # control flow on values: torch.fx cannot trace it
+            y = y * 2
+        return self.b(y)
+
+
+def test_integer_activations_follow_the_graph():
+    torch.manual_seed(0)
+    qat_model = calibrate(qatx.prepare_qat(_Chains(), qatx.presets.W8A8), lambda: (torch.randn(8, 3, 8, 8),))
+    int8 = qatx.convert(qat_model)
+    plain = qatx.convert(qat_model, integer_activations=False)
+    assert int8.conv1.output_scale is not None and int8.conv2.output_scale is not None
+    assert isinstance(int8.relu1, nn.Identity)  # fused into conv1, then passed through
+    assert int8.conv3.output_scale is None  # one of its consumers reads 2 * z: float32
+    assert int8.fc.output_scale is None and plain.conv1.output_scale is None
+    assert torch.equal(int8.conv1.output_scale, int8.conv2.input_scale)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert int8.conv2(int8.conv1(x)).dtype == torch.uint8
+        assert torch.equal(int8(x), plain(x))
+        assert torch.equal(torch.jit.script(int8)(x), plain(x))
+    # A model torch.fx cannot trace keeps float32 between its layers.
+    qat_dd = calibrate(qatx.prepare_qat(_DataDependent(), qatx.presets.W8A8), lambda: (torch.randn(8, 6),))
+    dd = qatx.convert(qat_dd)
+    assert dd.a.output_scale is None
+    # The grid is set and cleared through the public method; bad grids are refused.
+    layer = int8.conv3
+    layer.quantize_output_to(torch.tensor([0.1]), torch.tensor([-3]), -128, 127)
+    assert layer(x).dtype == torch.int8
+    assert torch.equal(layer(x), torch.ops.qatx.quantize_per_tensor_affine(
+        plain.conv3(x), torch.tensor([0.1]), torch.tensor([-3], dtype=torch.int32), -128, 127, torch.int8))
+    layer.quantize_output_to(None)
+    assert layer(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="output range must lie inside"):
+        layer.quantize_output_to(torch.tensor([0.1]), torch.tensor([0]), -1, 254)
+    with pytest.raises(ValueError, match="one-element scale and zero_point"):
+        layer.quantize_output_to(torch.tensor([0.1, 0.2]), torch.tensor([0]))
+    weight_only = qatx.nn.quantized.Linear(4, 4, quantize_input=False)
+    with pytest.raises(ValueError, match="computes in float"):
+        weight_only.quantize_output_to(torch.tensor([0.1]), torch.tensor([0]))
 
 
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])

@@ -491,3 +491,163 @@ def test_cuda_opcheck_and_int_mm_route():
     b = torch.randint(-999, 999, (128,), generator=gen, dtype=torch.int32)
     y = qatx.linear_int8(x.cuda(), s.cuda(), z.cuda(), 0, 255, w.cuda(), sw.cuda(), zw.cuda(), b.cuda(), True)
     assert_close_epilogue(y.cpu(), ref_linear(x, s, z, 0, 255, w, sw, zw, b, True))
+
+
+# ---- integer activations: uint8 / int8 inputs and quantized outputs ----
+
+INTEGER_GRIDS = [  # (input range, output range)
+    ((0, 255), (0, 255)),
+    ((-128, 127), (-128, 127)),
+    ((0, 15), (3, 100)),
+]
+
+
+def _integer_case(gen, irange, orange, device):
+    s, z = torch.tensor([0.03]), torch.tensor([(irange[0] + irange[1]) // 3], dtype=torch.int32)
+    so, zo = torch.tensor([0.11]), torch.tensor([(orange[0] + orange[1]) // 2], dtype=torch.int32)
+    return s.to(device), z.to(device), so.to(device), zo.to(device)
+
+
+def _codes(x, s, z, qrange):
+    dtype = torch.uint8 if qrange[0] >= 0 else torch.int8
+    return torch.ops.qatx.quantize_per_tensor_affine(x, s, z, qrange[0], qrange[1], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grids", range(len(INTEGER_GRIDS)))
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_linear_int8_integer_input_and_output_equal_the_float_route(device, grids, m):
+    irange, orange = INTEGER_GRIDS[grids]
+    gen = torch.Generator().manual_seed(grids * 10 + m)
+    s, z, so, zo = _integer_case(gen, irange, orange, device)
+    x = (torch.randn(m, 37, generator=gen) * 2).to(device)
+    w = torch.randint(-128, 128, (19, 37), generator=gen, dtype=torch.int8).to(device)
+    sw, zw = qparams(gen, 19, True, device=device)
+    b = torch.randint(-2000, 2000, (19,), generator=gen, dtype=torch.int32).to(device)
+    q = _codes(x, s, z, irange)
+    for relu in (False, True):
+        y = qatx.linear_int8(x, s, z, *irange, w, sw, zw, b, relu)
+        # Integer input: the same bits as the float input it came from.
+        assert torch.equal(qatx.linear_int8(q, s, z, *irange, w, sw, zw, b, relu), y)
+        # Quantized output: quantize_per_tensor_affine of the float output, from either input.
+        expected = _codes(y, so, zo, orange)
+        for inp in (x, q):
+            out = qatx.linear_int8(inp, s, z, *irange, w, sw, zw, b, relu, so, zo, *orange)
+            assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_convolution_int8_integer_input_and_output_equal_the_float_route(device, case):
+    d, tr, cin, cout, k, stride, pad, dil, opad, g = CONV_CASES[case]
+    irange, orange = INTEGER_GRIDS[case % len(INTEGER_GRIDS)]
+    gen = torch.Generator().manual_seed(case)
+    tup = (lambda v: list(v) if isinstance(v, tuple) else [v] * d)
+    k, stride, pad, dil, opad = tup(k), tup(stride), tup(pad), tup(dil), tup(opad)
+    s, z, so, zo = _integer_case(gen, irange, orange, device)
+    x = torch.randn([2, cin] + [7] * d, generator=gen).to(device)
+    wshape = [cin, cout // g] + k if tr else [cout, cin // g] + k
+    w = torch.randint(-128, 128, wshape, generator=gen, dtype=torch.int8).to(device)
+    sw, zw = qparams(gen, cout, True, asymmetric=True, device=device)
+    b = torch.randint(-3000, 3000, (cout,), generator=gen, dtype=torch.int32).to(device)
+    geometry = (stride, pad, dil, tr, opad, g)
+    y = qatx.convolution_int8(x, s, z, *irange, w, sw, zw, b, *geometry, True)
+    q = _codes(x, s, z, irange)
+    assert torch.equal(qatx.convolution_int8(q, s, z, *irange, w, sw, zw, b, *geometry, True), y)
+    # A channels-last integer input (what a chained convolution writes) gives the same bits.
+    cl = q.permute([0] + list(range(2, d + 2)) + [1]).contiguous().permute([0, d + 1] + list(range(1, d + 1)))
+    assert torch.equal(qatx.convolution_int8(cl, s, z, *irange, w, sw, zw, b, *geometry, True), y)
+    expected = _codes(y, so, zo, orange)
+    out = qatx.convolution_int8(q, s, z, *irange, w, sw, zw, b, *geometry, True, so, zo, *orange)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    assert out.stride() == y.stride()  # the float output's layout (channels-last unless transposed)
+
+
+def test_integer_input_is_clamped_to_the_quant_range():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 256, (6, 24), generator=gen, dtype=torch.uint8)
+    w = torch.randint(-128, 128, (16, 24), generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, 16, True)
+    s, z = torch.tensor([0.1]), torch.tensor([4], dtype=torch.int32)
+    # A 4-bit grid: codes above 15 count as 15, as the float route's clamp would make them.
+    assert torch.equal(qatx.linear_int8(q, s, z, 0, 15, w, sw, zw), qatx.linear_int8(q.clamp(0, 15), s, z, 0, 15, w,
+                                                                                   sw, zw))
+    ref = ref_linear(((q.clamp(0, 15).float() - 4) * 0.1), s, z, 0, 15, w, sw, zw)
+    assert_close_epilogue(qatx.linear_int8(q, s, z, 0, 15, w, sw, zw), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("layouts", ["contiguous", "channels_last", "mixed"])
+def test_add_int8_integer_operands_and_output(device, relu, layouts):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 6, 7, generator=gen).to(device)
+    y = torch.randn(3, 5, 6, 7, generator=gen).to(device)
+    if layouts != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layouts == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    gx = (torch.tensor([0.02]).to(device), torch.tensor([100], dtype=torch.int32).to(device), 0, 255)
+    gy = (torch.tensor([0.03]).to(device), torch.tensor([-3], dtype=torch.int32).to(device), -128, 127)
+    go = (torch.tensor([0.05]).to(device), torch.tensor([20], dtype=torch.int32).to(device), 0, 200)
+    ref = qatx.add_int8(x, *gx, y, *gy, relu)
+    qx, qy = _codes(x, gx[0], gx[1], gx[2:]), _codes(y, gy[0], gy[1], gy[2:])
+    expected = _codes(ref, go[0], go[1], go[2:])
+    for a, b in [(qx, y), (x, qy), (qx, qy)]:
+        assert torch.equal(qatx.add_int8(a, *gx, b, *gy, relu), ref)
+        out = qatx.add_int8(a, *gx, b, *gy, relu, *go)
+        assert out.dtype == torch.uint8 and torch.equal(out, expected)
+        assert out.stride() == ref.stride()
+    signed = qatx.add_int8(x, *gx, y, *gy, relu, go[0], go[1], -100, 100)
+    assert signed.dtype == torch.int8 and torch.equal(signed, _codes(ref, go[0], go[1], (-100, 100)))
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="NaN"):
+            qatx.add_int8(torch.full_like(x, float("nan")), *gx, y, *gy, relu, *go)
+
+
+def test_integer_activation_errors():
+    x = torch.randn(4, 8)
+    q = torch.zeros(4, 8, dtype=torch.uint8)
+    s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    w = torch.randint(-5, 5, (3, 8), dtype=torch.int8)
+    sw, zw = torch.ones(3), torch.zeros(3, dtype=torch.int32)
+    op = qatx.linear_int8
+    with pytest.raises(RuntimeError, match="torch.uint8 input needs input_quant_min >= 0"):
+        op(q, s, z, -128, 127, w, sw, zw)
+    with pytest.raises(RuntimeError, match="torch.int8 input needs input_quant_max <= 127"):
+        op(q.to(torch.int8), s, z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="input must be torch.float32, or torch.uint8 / torch.int8"):
+        op(q.to(torch.int32), s, z, 0, 255, w, sw, zw)
+    with pytest.raises(RuntimeError, match="output_scale and output_zero_point must be given together"):
+        op(x, s, z, 0, 255, w, sw, zw, None, False, s, None)
+    with pytest.raises(RuntimeError, match=r"inside \[0, 255\] \(uint8 output\) or \[-128, 127\]"):
+        op(x, s, z, 0, 255, w, sw, zw, None, False, s, z, -1, 254)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        op(x, s, z, 0, 255, w, sw, zw, None, False, torch.tensor([0.0]), z, 0, 255)
+    with pytest.raises(RuntimeError, match="output_zero_point must be an integer tensor"):
+        op(x, s, z, 0, 255, w, sw, zw, None, False, s, s, 0, 255)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        op(x, s, z, 0, 255, w, sw, zw, None, False, s, torch.tensor([300], dtype=torch.int32), 0, 255)
+    with pytest.raises(RuntimeError, match="torch.uint8 other needs other_quant_min >= 0"):
+        qatx.add_int8(x, s, z, 0, 255, q, s, z, -128, 127)
+    with pytest.raises(RuntimeError, match="input must be torch.float32"):
+        qatx.linear_int8_dynamic(q, w, sw, zw)
+
+
+def test_integer_activation_opcheck():
+    gen = torch.Generator().manual_seed(1)
+    s, z = torch.tensor([0.05]), torch.tensor([100], dtype=torch.int32)
+    so, zo = torch.tensor([0.07]), torch.tensor([-5], dtype=torch.int32)
+    q = torch.randint(0, 256, (5, 16), generator=gen, dtype=torch.uint8)
+    w = torch.randint(-128, 128, (12, 16), generator=gen, dtype=torch.int8)
+    sw, zw = torch.rand(12, generator=gen) * 0.1 + 0.01, torch.zeros(12, dtype=torch.int32)
+    qc = torch.randint(0, 256, (2, 4, 6, 6), generator=gen, dtype=torch.uint8)
+    wc = torch.randint(-128, 128, (6, 4, 3, 3), generator=gen, dtype=torch.int8)
+    for op, args in [
+        (torch.ops.qatx.linear_int8.default, (q, s, z, 0, 255, w, sw, zw, None, True, so, zo, -128, 127)),
+        (torch.ops.qatx.convolution_int8.default,
+         (qc, s, z, 0, 255, wc, sw[:6], zw[:6], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, True, so, zo, -128,
+          127)),
+        (torch.ops.qatx.add_int8.default, (qc, s, z, 0, 255, qc.flip(0), s, z, 0, 255, True, s, z, 0, 255)),
+    ]:
+        torch.library.opcheck(op, args)

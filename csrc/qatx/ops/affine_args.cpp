@@ -128,14 +128,19 @@ void check_qparams(const at::Tensor& input, const at::Tensor& scale, const at::T
 void check_qparam_values_cpu(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                              int64_t quant_max, bool check_zero_point_range, const char* op) {
   const at::Tensor s = scale.to(at::kFloat).contiguous();
-  const at::Tensor z = zero_point.to(at::kDouble).contiguous();  // exact for int32 and float32
   const float* sp = s.const_data_ptr<float>();
-  const double* zp = z.const_data_ptr<double>();
+  // As double (exact for int32 and float32); an int32 zero point is read as it is (no copy).
+  const bool int32 = zero_point.scalar_type() == at::kInt;
+  const at::Tensor z = int32 ? zero_point.contiguous() : zero_point.to(at::kDouble).contiguous();
+  const auto zero_point_at = [&](int64_t i) {
+    return int32 ? static_cast<double>(z.const_data_ptr<int32_t>()[i]) : z.const_data_ptr<double>()[i];
+  };
   for (const auto i : c10::irange(s.numel())) {
+    const double zp_i = zero_point_at(i);
     TORCH_CHECK(math::is_valid_scale(sp[i]), op, ": scale must be finite and at least 2^-126 (", math::kMinScale,
                 ") so that 1/scale is finite; got scale=", sp[i], " at index ", i);
-    TORCH_CHECK(!std::isnan(zp[i]), op, ": zero_point must not be NaN; got NaN at index ", i);
-    TORCH_CHECK(!check_zero_point_range || (zp[i] >= quant_min && zp[i] <= quant_max), op, ": zero_point=", zp[i],
+    TORCH_CHECK(!std::isnan(zp_i), op, ": zero_point must not be NaN; got NaN at index ", i);
+    TORCH_CHECK(!check_zero_point_range || (zp_i >= quant_min && zp_i <= quant_max), op, ": zero_point=", zp_i,
                 " at index ", i, " must lie inside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]");
   }
 }

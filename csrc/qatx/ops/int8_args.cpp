@@ -19,10 +19,9 @@ static void check_device(const at::Tensor& input, const at::Tensor& t, const cha
               "), got ", t.device());
 }
 
-void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
-                         int64_t quant_min, int64_t quant_max, bool values, const char* op, const char* name) {
-  const std::string n = name;
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": ", n, " must be torch.float32, got ", input.scalar_type());
+// The qparams of one per-tensor grid (`name`_scale, `name`_zero_point, `name`_quant_min/max).
+static void check_grid(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+                       int64_t quant_min, int64_t quant_max, bool values, const char* op, const std::string& n) {
   check_device(input, scale, (n + "_scale").c_str(), op);
   check_device(input, zero_point, (n + "_zero_point").c_str(), op);
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && scale.sym_numel() == 1, op, ": ", n,
@@ -35,6 +34,44 @@ void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const
               ": ", n, "_quant_min=", quant_min, " and ", n, "_quant_max=", quant_max,
               " must describe at most 8 bits (quant_max - quant_min <= 255) inside [-128, 255]");
   if (values) check_qparam_values_cpu(scale, zero_point, quant_min, quant_max, true, op);
+}
+
+void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
+                         int64_t quant_min, int64_t quant_max, bool values, const char* op, const char* name) {
+  const std::string n = name;
+  const at::ScalarType t = input.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kByte || t == at::kChar, op, ": ", n,
+              " must be torch.float32, or torch.uint8 / torch.int8 holding its quantized integers, got ", t);
+  TORCH_CHECK(t != at::kByte || quant_min >= 0, op, ": a torch.uint8 ", n, " needs ", n,
+              "_quant_min >= 0, got ", quant_min);
+  TORCH_CHECK(t != at::kChar || quant_max <= 127, op, ": a torch.int8 ", n, " needs ", n,
+              "_quant_max <= 127, got ", quant_max);
+  check_grid(input, scale, zero_point, quant_min, quant_max, values, op, n);
+}
+
+std::optional<OutputQParams> check_output_qparams(const at::Tensor& input, const std::optional<at::Tensor>& scale,
+                                                  const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                                                  int64_t quant_max, bool values, const char* op) {
+  const bool has_scale = scale.has_value() && scale->defined();
+  const bool has_zero_point = zero_point.has_value() && zero_point->defined();
+  TORCH_CHECK(has_scale == has_zero_point, op, ": output_scale and output_zero_point must be given together (got ",
+              has_scale ? "output_scale" : "output_zero_point", " only)");
+  if (!has_scale) return std::nullopt;
+  TORCH_CHECK(quant_min >= 0 ? quant_max <= 255 : (quant_min >= -128 && quant_max <= 127), op,
+              ": output_quant_min=", quant_min, " and output_quant_max=", quant_max,
+              " must lie inside [0, 255] (uint8 output) or [-128, 127] (int8 output)");
+  check_grid(input, *scale, *zero_point, quant_min, quant_max, values, op, "output");
+  return OutputQParams{*scale, *zero_point, quant_min, quant_max, quant_min >= 0 ? at::kByte : at::kChar};
+}
+
+at::Tensor quantized_output(const at::Tensor& y, const std::optional<OutputQParams>& out) {
+  if (!out.has_value() || y.scalar_type() != at::kFloat) return y;
+  return quantize_per_tensor_affine(y, out->scale, out->zero_point, out->quant_min, out->quant_max, out->dtype);
+}
+
+at::Tensor float_input(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point) {
+  if (input.scalar_type() == at::kFloat) return input;
+  return (input.to(at::kFloat) - zero_point.to(at::kFloat).reshape({})) * scale.to(at::kFloat).reshape({});
 }
 
 void check_add(const at::Tensor& input, const at::Tensor& other, const char* op) {
@@ -84,7 +121,6 @@ void check_bias(const at::Tensor& input, const std::optional<at::Tensor>& bias, 
 }
 
 c10::SymInt check_linear(const at::Tensor& input, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be torch.float32, got ", input.scalar_type());
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got shape ",
               weight.sym_sizes());
@@ -108,7 +144,6 @@ static std::vector<int64_t> expand_param(at::IntArrayRef v, int64_t n, const cha
 ConvGeometry check_convolution(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                                at::IntArrayRef output_padding, int64_t groups, const char* op) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be torch.float32, got ", input.scalar_type());
   const int64_t d = input.dim() - 2;
   TORCH_CHECK(d >= 1 && d <= 3, op, ": input must be batched [N, C, *spatial] with 1 to 3 spatial dimensions, got shape ",
               input.sizes());
@@ -176,7 +211,9 @@ at::Tensor in_conv_layout(const at::Tensor& y, const ConvGeometry& geo, bool tra
 
 at::Tensor centered_input(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
                           int64_t quant_min, int64_t quant_max) {
-  const at::Tensor q = quantize_per_tensor_affine(input, scale, zero_point, quant_min, quant_max, at::kInt);
+  const at::Tensor q = input.scalar_type() == at::kFloat
+                           ? quantize_per_tensor_affine(input, scale, zero_point, quant_min, quant_max, at::kInt)
+                           : input.to(at::kInt).clamp(quant_min, quant_max);
   return q.to(at::kDouble) - zero_point.reshape({}).to(at::kDouble);
 }
 

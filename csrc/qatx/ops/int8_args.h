@@ -16,10 +16,29 @@ namespace int8 {
 // The per-tensor input qparams of a static op, checked: float scale and integer zero point with
 // one element each, quant range of at most 8 bits (quant_max - quant_min <= 255) inside
 // [-128, 255]. values: also the values (scale valid, zero point in range) on the host. `name`:
-// the argument's name in the messages (its qparams are name_scale, name_zero_point, ...).
+// the argument's name in the messages (its qparams are name_scale, name_zero_point, ...). The
+// input is float32, or uint8 / int8 holding its integers (the range must then fit the dtype).
 void check_input_qparams(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
                          int64_t quant_min, int64_t quant_max, bool values, const char* op,
                          const char* name = "input");
+// The requested output grid of a static op (output_scale, output_zero_point, ...): the output is
+// then y quantized to it, as uint8 (quant_min >= 0) or int8 (quant_max <= 127).
+struct OutputQParams {
+  at::Tensor scale, zero_point;
+  int64_t quant_min, quant_max;
+  at::ScalarType dtype;
+};
+// Checks them like input qparams; none when both tensors are absent (one alone is an error).
+std::optional<OutputQParams> check_output_qparams(const at::Tensor& input, const std::optional<at::Tensor>& scale,
+                                                  const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                                                  int64_t quant_max, bool values, const char* op);
+// y (float32) quantized to `out` with qatx::quantize_per_tensor_affine; y itself without a grid.
+at::Tensor quantized_output(const at::Tensor& y, const std::optional<OutputQParams>& out);
+// A uint8 / int8 input as float32 (q - z) * s, for backends that take float input only: their
+// quantization gives q back exactly (|q - z| <= 255, so x * (1/s) is within 1e-4 of q - z).
+// Float input is returned as it is.
+at::Tensor float_input(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point);
+
 // add_int8: `other` has input's shape and device (both float32, checked with their qparams).
 void check_add(const at::Tensor& input, const at::Tensor& other, const char* op);
 
@@ -63,7 +82,8 @@ at::Tensor in_conv_layout(const at::Tensor& y, const ConvGeometry& geo, bool tra
 
 // ---- exact reference computation (any device) ----
 // The centered integer input q - z with q = clamp(rint(x * (1/s)) + z, quant_min, quant_max),
-// computed by qatx::quantize_per_tensor_affine (bit-identical to the fake-quantize forward).
+// computed by qatx::quantize_per_tensor_affine (bit-identical to the fake-quantize forward); for
+// an integer input, q = clamp(input, quant_min, quant_max).
 at::Tensor centered_input(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& zero_point,
                           int64_t quant_min, int64_t quant_max);
 at::Tensor linear_reference(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,

@@ -64,17 +64,20 @@ TORCH_LIBRARY(qatx, m) {
   // input * scale along dim 1 (scale: [input.size(1)]); the autograd node keeps the output, not
   // the input: grad_scale[c] = sum(grad_output * output / scale[c]) over all dims but 1.
   m.def("_scale_channels(Tensor input, Tensor scale) -> Tensor");
-  // --- INT8 inference: float in, float out; integer arithmetic inside. ---
+  // --- INT8 inference: integer arithmetic inside. ---
   // Input quantized per tensor, q = clamp(rint(x * (1/s_in)) + z_in, quant_min, quant_max) (as the
   // fake-quantize forward), int8 weight w with per-tensor/-channel (/-group for linear) scale and
   // zero point, exact integer sum acc[c] = sum_k (q_k - z_in)(w_ck - z_w[c]), then
   // y = (acc[c] + bias[c]) * s_in * s_w[c] as float32, ReLU when relu. bias: int32, at scale s_in * s_w[c].
-  m.def("linear_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool relu=False) -> Tensor");
-  m.def("convolution_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, bool relu=False) -> Tensor");
+  // The input may also be uint8 / int8 holding q itself (clamped to the quant range). With
+  // output_scale and output_zero_point the output is y quantized to that grid (uint8 when
+  // output_quant_min >= 0, else int8): what the next layer's input quantization would make of y.
+  m.def("linear_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool relu=False, Tensor? output_scale=None, Tensor? output_zero_point=None, int output_quant_min=0, int output_quant_max=255) -> Tensor");
+  m.def("convolution_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias, int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, bool relu=False, Tensor? output_scale=None, Tensor? output_zero_point=None, int output_quant_min=0, int output_quant_max=255) -> Tensor");
   // Dynamic: the input's uint8 qparams come from each call's range (whole input or per row);
   // y = acc[r, c] * s_in[r] * s_w[c] + bias[c] with a float32 bias.
   m.def("linear_int8_dynamic(Tensor input, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool per_row=False) -> Tensor");
   // y = fq(input) + fq(other), ReLU when relu: each input quantized to its own 8-bit grid and dequantized,
   // then summed in float32 (a converted quantized add).
-  m.def("add_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor other, Tensor other_scale, Tensor other_zero_point, int other_quant_min, int other_quant_max, bool relu=False) -> Tensor");
+  m.def("add_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor other, Tensor other_scale, Tensor other_zero_point, int other_quant_min, int other_quant_max, bool relu=False, Tensor? output_scale=None, Tensor? output_zero_point=None, int output_quant_min=0, int output_quant_max=255) -> Tensor");
 }

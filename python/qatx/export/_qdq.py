@@ -204,14 +204,21 @@ class QDQLayer(nn.Module):
 
 def int8_qdq_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every INT8 Linear / convolution of ``qatx.nn.quantized`` in QDQ
-    form (:class:`QDQLayer`); other modules are kept."""
+    form (:class:`QDQLayer`); other modules are kept. Layers that pass integer activations
+    (``quantize_output_to``) return float32 again: their consumers' QuantizeLinear makes the same
+    integers, so the graph is the one of float32 activations."""
     from ..nn import quantized as nnq
+    from ..nn.quantized.modules import _OutputGrid
 
     layers = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.ConvTranspose1d, nnq.ConvTranspose2d,
               nnq.ConvTranspose3d)
-    if not any(type(m) in layers for m in model.modules()):
+    if not any(type(m) in layers or (isinstance(m, _OutputGrid) and m.output_scale is not None)
+               for m in model.modules()):
         return model
     model = copy.deepcopy(model)
+    for mod in model.modules():
+        if isinstance(mod, _OutputGrid):
+            mod.quantize_output_to(None)
     for name, mod in list(model.named_modules()):
         if type(mod) in layers:
             parent, _, child = name.rpartition(".")

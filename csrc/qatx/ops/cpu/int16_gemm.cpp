@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "qatx/kernels/quant_math.h"
 
@@ -175,15 +176,51 @@ QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8), _mm256_add_epi32(c1, d1));
 }
 
+// Four epilogue results (float32, ReLU applied) stored as T: as they are, or quantized.
+template <typename T>
+QATX_AVX2 inline void store4(__m128 f, T* out, const Output& y);
+template <>
+QATX_AVX2 inline void store4<float>(__m128 f, float* out, const Output&) {
+  _mm_storeu_ps(out, f);
+}
+// The same float32 operations as math::quantize_value; the clamped integers then pack without
+// saturating.
+QATX_AVX2 inline __m128i quantize4(__m128 f, const Output& y) {
+  const __m128 q = _mm_add_ps(_mm_round_ps(_mm_mul_ps(f, _mm_set1_ps(y.inv_scale)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                              _mm_set1_ps(y.zero_point));
+  const __m128i v = _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(q, _mm_set1_ps(y.quant_min)), _mm_set1_ps(y.quant_max)));
+  return _mm_packs_epi32(v, v);
+}
+template <>
+QATX_AVX2 inline void store4<uint8_t>(__m128 f, uint8_t* out, const Output& y) {
+  const int32_t bytes = _mm_cvtsi128_si32(_mm_packus_epi16(quantize4(f, y), _mm_setzero_si128()));
+  std::memcpy(out, &bytes, sizeof bytes);
+}
+template <>
+QATX_AVX2 inline void store4<int8_t>(__m128 f, int8_t* out, const Output& y) {
+  const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(quantize4(f, y), _mm_setzero_si128()));
+  std::memcpy(out, &bytes, sizeof bytes);
+}
+template <typename T>
+inline T store1(float f, const Output& y) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f;
+  } else {
+    return static_cast<T>(math::quantize_value(f, y.inv_scale, y.zero_point, y.quant_min, y.quant_max));
+  }
+}
+
 // Rows < mr and columns < cols of the tile through the epilogue (int16_gemm.h); the columns from
 // `col` on.
-QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep, float* y,
-                          int64_t ldy) {
+template <typename T>
+QATX_AVX2 void store_tile_as(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep,
+                             const Output& y) {
   const double *scale = ep.scale + col, *bias = ep.bias ? ep.bias + col : nullptr,
                *shift = ep.shift ? ep.shift + col : nullptr;
   for (int64_t i = 0; i < mr; ++i) {
     const int32_t* a = acc + i * kPanel;
-    float* out = y + i * ldy;
+    T* out = static_cast<T*>(y.data) + i * y.ld;
     int64_t j = 0;
     for (; j + 4 <= cols; j += 4) {
       __m256d v = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
@@ -192,7 +229,7 @@ QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t c
       if (shift) v = _mm256_add_pd(v, _mm256_loadu_pd(shift + j));
       __m128 f = _mm256_cvtpd_ps(v);
       if (ep.relu) f = _mm_max_ps(f, _mm_setzero_ps());
-      _mm_storeu_ps(out + j, f);
+      store4<T>(f, out + j, y);
     }
     for (; j < cols; ++j) {
       double v = static_cast<double>(a[j]);
@@ -200,8 +237,18 @@ QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t c
       v *= scale[j];
       if (shift) v += shift[j];
       const float f = static_cast<float>(v);
-      out[j] = ep.relu ? std::max(f, 0.0f) : f;
+      out[j] = store1<T>(ep.relu ? std::max(f, 0.0f) : f, y);
     }
+  }
+}
+
+// y points at the tile's first element.
+QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep,
+                          const Output& y) {
+  switch (y.type) {
+    case Output::Type::Float: return store_tile_as<float>(acc, mr, col, cols, ep, y);
+    case Output::Type::UInt8: return store_tile_as<uint8_t>(acc, mr, col, cols, ep, y);
+    case Output::Type::Int8: return store_tile_as<int8_t>(acc, mr, col, cols, ep, y);
   }
 }
 
@@ -246,8 +293,7 @@ QATX_AVX2 void depthwise_block(const int16_t* const* starts, int64_t taps, int64
 }  // namespace
 #endif
 
-void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, float* y,
-               int64_t ldy) {
+void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, const Output& y) {
 #if QATX_INT16_GEMM
   if (m == 0 || b.n == 0) return;
   const int64_t taps = b.k, blocks = (b.n + kPanel - 1) / kPanel, steps = (m + kDepthwiseRows - 1) / kDepthwiseRows;
@@ -262,18 +308,18 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t col = blk * kPanel;
         depthwise_block(starts.data(), taps, col, b.panels.data() + blk * (b.kp / 2) * kPanel * 2, acc);
-        store_tile(acc, rows, col, std::min(kPanel, b.n - col), epilogue, y + first * ldy + col, ldy);
+        store_tile(acc, rows, col, std::min(kPanel, b.n - col), epilogue, y.at(first, col));
       }
     }
   });
 #else
-  (void)m, (void)b, (void)locate, (void)epilogue, (void)y, (void)ldy;
+  (void)m, (void)b, (void)locate, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::depthwise needs an x86-64 CPU with AVX2");
 #endif
 }
 
-void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
-          int64_t ldy) {
+void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
+          const Output& y) {
 #if QATX_INT16_GEMM
   if (m == 0 || b.n == 0) return;
   TORCH_INTERNAL_ASSERT(segments > 0 && b.kp % (2 * segments) == 0, "int16_gemm: K must split into even runs");
@@ -325,7 +371,7 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
         } else {
           tile_row(tile_rows, segments, pairs, b.panels.data() + offset, acc);
         }
-        store_tile(acc, mr, col, std::min(kPanel, b.n - col), epilogue, y + (first + i) * ldy + col, ldy);
+        store_tile(acc, mr, col, std::min(kPanel, b.n - col), epilogue, y.at(first + i, col));
       };
       if (panel_outer) {
         for (int64_t p = p_begin; p < p_end; ++p) {
@@ -339,9 +385,16 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
     }
   });
 #else
-  (void)m, (void)b, (void)segments, (void)locate, (void)epilogue, (void)y, (void)ldy;
+  (void)m, (void)b, (void)segments, (void)locate, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::gemm needs an x86-64 CPU with AVX2");
 #endif
+}
+
+Output Output::at(int64_t row, int64_t col) const {
+  const int64_t bytes = type == Type::Float ? sizeof(float) : 1;
+  Output o = *this;
+  o.data = static_cast<char*>(data) + (row * ld + col) * bytes;
+  return o;
 }
 
 Quantizer::Quantizer(float scale, int32_t zero_point, int64_t quant_min, int64_t quant_max)
@@ -378,6 +431,24 @@ bool Quantizer::operator()(const float* x, int16_t* dst, int64_t n) const {
     dst[i] = static_cast<int16_t>(static_cast<int32_t>(q == q ? q - zero_point : 0.0f));
   }
   return !nan;
+}
+
+#if QATX_INT16_GEMM
+QATX_AVX2
+#endif
+void Centerer::operator()(const uint8_t* q, int16_t* dst, int64_t n) const {
+  for (int64_t i = 0; i < n; ++i) {  // vectorized by the compiler
+    dst[i] = static_cast<int16_t>(std::min<int32_t>(std::max<int32_t>(q[i], quant_min), quant_max) - zero_point);
+  }
+}
+
+#if QATX_INT16_GEMM
+QATX_AVX2
+#endif
+void Centerer::operator()(const int8_t* q, int16_t* dst, int64_t n) const {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<int16_t>(std::min<int32_t>(std::max<int32_t>(q[i], quant_min), quant_max) - zero_point);
+  }
 }
 
 }  // namespace int16_gemm

@@ -48,17 +48,29 @@ struct Epilogue {
   bool relu;
 };
 
-// y is m x b.n with row stride ldy.
-void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue, float* y,
-          int64_t ldy);
+// Where the epilogue writes y: float32, or y's integer on a grid, math::quantize_value's
+// clamp(rint(y * inv_scale) + zero_point, quant_min, quant_max) as uint8 / int8 (what quantizing
+// the float32 output would give). `ld`: elements between rows.
+struct Output {
+  enum class Type { Float, UInt8, Int8 };
+  void* data;
+  int64_t ld;
+  Type type = Type::Float;
+  float inv_scale = 1.0f, zero_point = 0.0f, quant_min = 0.0f, quant_max = 0.0f;
+  // The same output from element (row, col) on.
+  Output at(int64_t row, int64_t col) const;
+};
+
+// y is m x b.n.
+void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
+          const Output& y);
 
 // Depthwise convolution (one filter per channel): y[r, c] = epilogue(sum_t a_t[c] * w[c, t]) for
 // b.n channels and b.k taps, where locate(r, starts) sets starts[t] to tap t's pixel (b.n int16
 // channels; reading up to 15 int16 past the last pixel's channels must stay inside the buffer:
 // those lanes meet zero weights). Exact in int32 under the same bound as gemm.
 PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, const int32_t* zero_points);
-void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, float* y,
-               int64_t ldy);
+void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, const Output& y);
 
 // The fake-quantize forward's integer, centered: dst[i] = clamp(rint(x[i] * (1/s)) + z,
 // quant_min, quant_max) - z, an int16 in [quant_min - z, quant_max - z]. Serial; returns false
@@ -67,6 +79,13 @@ struct Quantizer {
   Quantizer(float scale, int32_t zero_point, int64_t quant_min, int64_t quant_max);
   bool operator()(const float* x, int16_t* dst, int64_t n) const;
   float inv_scale, zero_point, quant_min, quant_max;
+};
+
+// An integer input's centered values: dst[i] = clamp(q[i], quant_min, quant_max) - zero_point.
+struct Centerer {
+  int32_t zero_point, quant_min, quant_max;
+  void operator()(const uint8_t* q, int16_t* dst, int64_t n) const;
+  void operator()(const int8_t* q, int16_t* dst, int64_t n) const;
 };
 
 }  // namespace int16_gemm

@@ -23,6 +23,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "qatx/ops/cpu/cpu_kernels.h"
@@ -152,12 +153,54 @@ void check_no_nan(bool ok, const char* op) {
   TORCH_CHECK(ok, op, ": input contains NaN, which has no quantized value");
 }
 
+// The input's integers, centered (q - z, int16), from a dense input: float32 quantized as the
+// fake-quantize forward does, or uint8 / int8 clamped to the quant range.
+class CenteredInput {
+ public:
+  CenteredInput(const at::Tensor& x, float s, int32_t z, int64_t quant_min, int64_t quant_max)
+      : x_(x),
+        quantize_(s, z, quant_min, quant_max),
+        center_{z, static_cast<int32_t>(quant_min), static_cast<int32_t>(quant_max)} {}
+  // Elements [offset, offset + n) into dst; false when they hold a NaN.
+  bool operator()(int64_t offset, int16_t* dst, int64_t n) const {
+    switch (x_.scalar_type()) {
+      case at::kByte: center_(x_.const_data_ptr<uint8_t>() + offset, dst, n); return true;
+      case at::kChar: center_(x_.const_data_ptr<int8_t>() + offset, dst, n); return true;
+      default: return quantize_(x_.const_data_ptr<float>() + offset, dst, n);
+    }
+  }
+
+ private:
+  const at::Tensor& x_;
+  int16_gemm::Quantizer quantize_;
+  int16_gemm::Centerer center_;
+};
+
+// The output's dtype: float32, or the requested grid's integer type.
+at::TensorOptions output_options(const at::Tensor& input, const std::optional<int8::OutputQParams>& out_q) {
+  return input.options().dtype(out_q.has_value() ? out_q->dtype : at::kFloat);
+}
+
+// Where the GEMM writes `out` (ld elements per row), quantized when out_q asks.
+int16_gemm::Output gemm_output(at::Tensor& out, int64_t ld, const std::optional<int8::OutputQParams>& out_q) {
+  int16_gemm::Output y{out.data_ptr(), ld};
+  if (out_q.has_value()) {
+    y.type = out_q->dtype == at::kByte ? int16_gemm::Output::Type::UInt8 : int16_gemm::Output::Type::Int8;
+    y.inv_scale = 1.0f / out_q->scale.to(at::kFloat).item<float>();
+    y.zero_point = static_cast<float>(out_q->zero_point.item<int32_t>());
+    y.quant_min = static_cast<float>(out_q->quant_min);
+    y.quant_max = static_cast<float>(out_q->quant_max);
+  }
+  return y;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear. Returns an undefined tensor when the int32 sum could overflow (reference route then).
 
 at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64_t quant_min, int64_t quant_max,
                         const at::Tensor& weight, const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
-                        const std::optional<at::Tensor>& bias, bool relu, const char* op) {
+                        const std::optional<at::Tensor>& bias, bool relu,
+                        const std::optional<int8::OutputQParams>& out_q, const char* op) {
   const int64_t n = weight.size(0), k = weight.size(1);
   const auto packed = cache().get(weight, weight_zero_point, 1, /*kind=*/0,
                                   [&] { return pack_weight(weight.contiguous(), weight_zero_point, 1); });
@@ -165,24 +208,23 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   const int16_gemm::PackedB& b = packed->front();
   const at::Tensor x = input.contiguous();
   const int64_t m = x.numel() / k;
-  at::Tensor out = empty_output(int8::linear_output_shape(input, weight), input.options());
+  at::Tensor out = empty_output(int8::linear_output_shape(input, weight), output_options(input, out_q));
   if (m == 0) return out;
   // Rows of b.kp int16 (an odd K gets a zero column).
-  const float* xp = x.const_data_ptr<float>();
-  const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
+  const CenteredInput quantize(x, s_in, z_in, quant_min, quant_max);
   std::vector<int16_t> owner;
   int16_t* a = int16_scratch(m * b.kp, owner);
   std::atomic<bool> ok{true};
   at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (!quantize(xp + r * k, a + r * b.kp, k)) ok = false;
+      if (!quantize(r * k, a + r * b.kp, k)) ok = false;
       if (b.kp != k) a[r * b.kp + k] = 0;  // the zero column of an odd K
     }
   });
   check_no_nan(ok, op);
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, n);
   int16_gemm::gemm(m, b, 1, [&](int64_t row, const int16_t** starts) { starts[0] = a + row * b.kp; },
-                   e.at(0, relu), out.mutable_data_ptr<float>(), n);
+                   e.at(0, relu), gemm_output(out, n, out_q));
   return out;
 }
 
@@ -208,7 +250,8 @@ template <int D>
 at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, int64_t quant_min, int64_t quant_max,
                              const at::Tensor& weight, const at::Tensor& weight_scale,
                              const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
-                             const int8::ConvGeometry& geo, int64_t groups, bool relu, const char* op) {
+                             const int8::ConvGeometry& geo, int64_t groups, bool relu,
+                             const std::optional<int8::OutputQParams>& out_q, const char* op) {
   const int64_t batch = input.size(0), c_in = input.size(1), c_out = geo.out_channels.expect_int();
   const int64_t cg = c_in / groups, og = c_out / groups;
   const int64_t taps = weight.numel() / (c_out * cg);
@@ -243,7 +286,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     padded[j] = in[j] + 2 * pad[j];
   }
   const int64_t out_plane = out_dim[0] * out_dim[1] * out_dim[2], rows = batch * out_plane;
-  at::Tensor out = int8::empty_conv_output(geo, false, input.options());
+  at::Tensor out = int8::empty_conv_output(geo, false, output_options(input, out_q));
   if (rows == 0) return out;
 
   // Quantize, one padded row (n, i0, i1) at a time: rows in the padding are zeros, the others
@@ -257,11 +300,10 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     }
   }
   const at::Tensor x = input.permute(channels_last_order(D)).contiguous();
-  const float* xp = x.const_data_ptr<float>();
   const int64_t row_len = padded[2] * c_stride, image = padded[0] * padded[1] * row_len;
   std::vector<int16_t> owner;
   int16_t* xq = int16_scratch(batch * image + 16, owner);  // + the depthwise kernel's overread
-  const int16_gemm::Quantizer quantize(s_in, z_in, quant_min, quant_max);
+  const CenteredInput quantize(x, s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
   const int64_t padded_rows = batch * padded[0] * padded[1];
   at::parallel_for(0, padded_rows, std::max<int64_t>(1, (1 << 14) / row_len), [&](int64_t begin, int64_t end) {
@@ -277,7 +319,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       }
       std::memset(dst, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
       std::memset(dst + (pad[2] + in[2]) * c_stride, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
-      const float* src = xp + ((nn * in[0] + i0) * in[1] + i1) * in[2] * c_in;
+      const int64_t src = ((nn * in[0] + i0) * in[1] + i1) * in[2] * c_in;
       int16_t* pixels = dst + pad[2] * c_stride;
       if (cgp == cg) {  // no padding channel: one run
         if (!quantize(src, pixels, in[2] * c_in)) ok = false;
@@ -320,13 +362,12 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   };
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
   if (depthwise) {  // all channels at once: each pixel's run starts at channel 0
-    int16_gemm::depthwise(rows, packed->front(), locate_in_group(0), e.at(0, relu), out.mutable_data_ptr<float>(),
-                          c_out);
+    int16_gemm::depthwise(rows, packed->front(), locate_in_group(0), e.at(0, relu), gemm_output(out, c_out, out_q));
     return out;
   }
+  const int16_gemm::Output y = gemm_output(out, c_out, out_q);
   for (int64_t g = 0; g < groups; ++g) {
-    int16_gemm::gemm(rows, (*packed)[g], segments, locate_in_group(g), e.at(g * og, relu),
-                     out.mutable_data_ptr<float>() + g * og, c_out);
+    int16_gemm::gemm(rows, (*packed)[g], segments, locate_in_group(g), e.at(g * og, relu), y.at(0, g * og));
   }
   return out;
 }
@@ -341,21 +382,90 @@ math::TensorGrid tensor_grid(const at::Tensor& scale, const at::Tensor& zero_poi
           static_cast<float>(quant_max)};
 }
 
+// Float inputs and output: quant_math.h's add_int8_value, elementwise.
 QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, int64_t begin, int64_t end,
                                     math::TensorGrid gx, math::TensorGrid gy, bool relu) {
   for (int64_t i = begin; i < end; ++i) out[i] = math::add_int8_value(x[i], gx, y[i], gy, relu);
 }
 
+// Any other combination of dtypes runs in blocks of kAddBlock elements through three simple
+// (vectorized) passes: each operand's real value, the sum, the store. One operand's value: a
+// float32 through its fake-quantize forward, an integer (already on the grid) clamped to the
+// range and dequantized; both give the same float for the same q.
+constexpr int64_t kAddBlock = 512;
+
+QATX_CPU_CLONES void grid_values(const float* x, float* v, int64_t n, math::TensorGrid g) {
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = math::dequantize_value(math::quantize_value(x[i], g.inv_scale, g.zero_point, g.quant_min, g.quant_max),
+                                  g.scale, g.zero_point);
+  }
+}
+QATX_CPU_CLONES void grid_values(const uint8_t* x, float* v, int64_t n, math::TensorGrid g) {
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), g.quant_min, g.quant_max),
+                                  g.scale, g.zero_point);
+  }
+}
+QATX_CPU_CLONES void grid_values(const int8_t* x, float* v, int64_t n, math::TensorGrid g) {
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), g.quant_min, g.quant_max),
+                                  g.scale, g.zero_point);
+  }
+}
+
+// a[i] = a[i] + b[i] in float32, then max(., 0) when relu (NaN stays NaN).
+QATX_CPU_CLONES void sum_values(float* a, const float* b, int64_t n, bool relu) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sum = a[i] + b[i];
+    a[i] = math::select(relu & (sum < 0.0f), 0.0f, sum);
+  }
+}
+
+// The sums as float32 or quantized to the output grid go (math::quantize_value); false when a
+// sum is NaN, which has no integer.
+bool store_values(const float* v, float* out, int64_t n, math::TensorGrid) {
+  std::memcpy(out, v, static_cast<size_t>(n) * sizeof(float));
+  return true;
+}
+template <typename Int>
+inline bool quantize_values(const float* v, Int* out, int64_t n, math::TensorGrid go) {
+  int nan = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = math::quantize_value(v[i], go.inv_scale, go.zero_point, go.quant_min, go.quant_max);
+    nan |= q != q;
+    out[i] = static_cast<Int>(static_cast<int32_t>(math::select(q != q, go.quant_min, q)));
+  }
+  return nan == 0;
+}
+QATX_CPU_CLONES bool store_values(const float* v, uint8_t* out, int64_t n, math::TensorGrid go) {
+  return quantize_values(v, out, n, go);
+}
+QATX_CPU_CLONES bool store_values(const float* v, int8_t* out, int64_t n, math::TensorGrid go) {
+  return quantize_values(v, out, n, go);
+}
+
+// Calls f with a null pointer of the C++ type of dtype (float32, uint8, int8).
+template <typename F>
+void with_element_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kByte: return f(static_cast<uint8_t*>(nullptr));
+    case at::kChar: return f(static_cast<int8_t*>(nullptr));
+    default: return f(static_cast<float*>(nullptr));
+  }
+}
+
 struct Int8CpuBackend {
   static constexpr bool kChecksValuesOnHost = true;
+  static constexpr bool kIntegerIO = true;
 
   static at::Tensor linear(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
                            int64_t quant_min, int64_t quant_max, const at::Tensor& weight,
                            const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
-                           const std::optional<at::Tensor>& bias, bool relu, const int8::WeightQParams& wq) {
+                           const std::optional<at::Tensor>& bias, bool relu, const int8::WeightQParams& wq,
+                           const std::optional<int8::OutputQParams>& out_q) {
     if (int16_gemm::supported() && wq.kind != int8::WeightQParams::Kind::PerGroup && weight.size(1) > 0) {
       at::Tensor y = linear_int16(input, input_scale.to(at::kFloat).item<float>(), input_zero_point.item<int32_t>(),
-                                  quant_min, quant_max, weight, weight_scale, weight_zero_point, bias, relu,
+                                  quant_min, quant_max, weight, weight_scale, weight_zero_point, bias, relu, out_q,
                                   "qatx::linear_int8");
       if (y.defined()) return y;
     }
@@ -367,7 +477,8 @@ struct Int8CpuBackend {
                                 const at::Tensor& input_zero_point, int64_t quant_min, int64_t quant_max,
                                 const at::Tensor& weight, const at::Tensor& weight_scale,
                                 const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
-                                const int8::ConvGeometry& geo, bool transposed, int64_t groups, bool relu) {
+                                const int8::ConvGeometry& geo, bool transposed, int64_t groups, bool relu,
+                                const std::optional<int8::OutputQParams>& out_q) {
     if (int16_gemm::supported() && !transposed && weight.numel() > 0) {
       const float s = input_scale.to(at::kFloat).item<float>();
       const int32_t z = input_zero_point.item<int32_t>();
@@ -375,11 +486,11 @@ struct Int8CpuBackend {
       at::Tensor y;
       switch (geo.spatial) {
         case 1: y = convolution_int16<1>(input, s, z, quant_min, quant_max, weight, weight_scale, weight_zero_point,
-                                         bias, geo, groups, relu, op); break;
+                                         bias, geo, groups, relu, out_q, op); break;
         case 2: y = convolution_int16<2>(input, s, z, quant_min, quant_max, weight, weight_scale, weight_zero_point,
-                                         bias, geo, groups, relu, op); break;
+                                         bias, geo, groups, relu, out_q, op); break;
         default: y = convolution_int16<3>(input, s, z, quant_min, quant_max, weight, weight_scale,
-                                          weight_zero_point, bias, geo, groups, relu, op);
+                                          weight_zero_point, bias, geo, groups, relu, out_q, op);
       }
       if (y.defined()) return y;
     }
@@ -402,7 +513,7 @@ struct Int8CpuBackend {
     if (!per_row && int16_gemm::supported() && k > 0 && x.size(0) > 0) {
       auto [s, z] = int8::dynamic_qparams(x, false);
       at::Tensor y = linear_int16(input, s.item<float>(), z.item<int32_t>(), 0, 255, weight, weight_scale,
-                                  weight_zero_point, bias, false, "qatx::linear_int8_dynamic");
+                                  weight_zero_point, bias, false, std::nullopt, "qatx::linear_int8_dynamic");
       if (y.defined()) return y;
     }
     return int8::linear_dynamic_reference(input, weight, weight_scale, weight_zero_point, bias, per_row);
@@ -411,18 +522,49 @@ struct Int8CpuBackend {
   static void add(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
                   int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& other,
                   const at::Tensor& other_scale, const at::Tensor& other_zero_point, int64_t other_quant_min,
-                  int64_t other_quant_max, bool relu, at::Tensor& out) {
+                  int64_t other_quant_max, bool relu, const std::optional<int8::OutputQParams>& out_q,
+                  at::Tensor& out) {
     if (out.numel() == 0) return;
     const at::Tensor x = dense_input_like_output(input, Granularity::per_tensor());
     const at::Tensor y = in_layout_of(other, out);
     const math::TensorGrid gx = tensor_grid(input_scale, input_zero_point, input_quant_min, input_quant_max);
     const math::TensorGrid gy = tensor_grid(other_scale, other_zero_point, other_quant_min, other_quant_max);
-    const float* xp = x.const_data_ptr<float>();
-    const float* yp = y.const_data_ptr<float>();
-    float* op = out.mutable_data_ptr<float>();
-    at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-      add_int8_range(xp, yp, op, begin, end, gx, gy, relu);
+    if (x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && !out_q.has_value()) {
+      const float* xp = x.const_data_ptr<float>();
+      const float* yp = y.const_data_ptr<float>();
+      float* op = out.mutable_data_ptr<float>();
+      at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+        add_int8_range(xp, yp, op, begin, end, gx, gy, relu);
+      });
+      return;
+    }
+    const math::TensorGrid go =
+        out_q.has_value() ? tensor_grid(out_q->scale, out_q->zero_point, out_q->quant_min, out_q->quant_max)
+                          : math::TensorGrid{1.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+    std::atomic<bool> ok{true};
+    with_element_type(x.scalar_type(), [&](auto* x_type) {
+      with_element_type(y.scalar_type(), [&](auto* y_type) {
+        with_element_type(out.scalar_type(), [&](auto* out_type) {
+          using X = std::remove_pointer_t<decltype(x_type)>;
+          using Y = std::remove_pointer_t<decltype(y_type)>;
+          using O = std::remove_pointer_t<decltype(out_type)>;
+          const X* xp = static_cast<const X*>(x.const_data_ptr());
+          const Y* yp = static_cast<const Y*>(y.const_data_ptr());
+          O* op = static_cast<O*>(out.mutable_data_ptr());
+          at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+            float a[kAddBlock], b[kAddBlock];
+            for (int64_t i = begin; i < end; i += kAddBlock) {
+              const int64_t n = std::min(kAddBlock, end - i);
+              grid_values(xp + i, a, n, gx);
+              grid_values(yp + i, b, n, gy);
+              sum_values(a, b, n, relu);
+              if (!store_values(a, op + i, n, go)) ok = false;
+            }
+          });
+        });
+      });
     });
+    check_no_nan(ok, "qatx::add_int8");
   }
 };
 

@@ -95,11 +95,13 @@ at::Tensor linear_int_mm(const at::Tensor& input, const at::Tensor& input_scale,
 
 struct Int8CudaBackend {
   static constexpr bool kChecksValuesOnHost = false;
+  static constexpr bool kIntegerIO = false;  // float32 in and out; the glue converts integer tensors
 
   static at::Tensor linear(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
                            int64_t quant_min, int64_t quant_max, const at::Tensor& weight,
                            const at::Tensor& weight_scale, const at::Tensor& weight_zero_point,
-                           const std::optional<at::Tensor>& bias, bool relu, const int8::WeightQParams& wq) {
+                           const std::optional<at::Tensor>& bias, bool relu, const int8::WeightQParams& wq,
+                           const std::optional<int8::OutputQParams>&) {
     c10::cuda::CUDAGuard guard(input.device());
     const int64_t m = input.numel() / std::max<int64_t>(weight.size(1), 1);
     if (wq.kind != int8::WeightQParams::Kind::PerGroup && m > 16 && weight.size(1) % 8 == 0 &&
@@ -115,7 +117,8 @@ struct Int8CudaBackend {
                                 const at::Tensor& input_zero_point, int64_t quant_min, int64_t quant_max,
                                 const at::Tensor& weight, const at::Tensor& weight_scale,
                                 const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
-                                const int8::ConvGeometry& geo, bool transposed, int64_t groups, bool relu) {
+                                const int8::ConvGeometry& geo, bool transposed, int64_t groups, bool relu,
+                                const std::optional<int8::OutputQParams>&) {
     c10::cuda::CUDAGuard guard(input.device());
     return int8::in_conv_layout(int8::convolution_reference(input, input_scale, input_zero_point, quant_min,
                                                             quant_max, weight, weight_scale, weight_zero_point, bias,
@@ -133,7 +136,7 @@ struct Int8CudaBackend {
   static void add(const at::Tensor& input, const at::Tensor& input_scale, const at::Tensor& input_zero_point,
                   int64_t input_quant_min, int64_t input_quant_max, const at::Tensor& other,
                   const at::Tensor& other_scale, const at::Tensor& other_zero_point, int64_t other_quant_min,
-                  int64_t other_quant_max, bool relu, at::Tensor& out) {
+                  int64_t other_quant_max, bool relu, const std::optional<int8::OutputQParams>&, at::Tensor& out) {
     const int64_t numel = out.numel();
     if (numel == 0) return;
     c10::cuda::CUDAGuard guard(input.device());

@@ -1,4 +1,4 @@
-// Meta kernels of the INT8 ops: the shared checks (no value reads) and an empty float32 output,
+// Meta kernels of the INT8 ops: the shared checks (no value reads) and an empty output,
 // so torch.compile and torch.export trace the ops.
 #include "qatx/ops/int8_kernels.h"
 
@@ -10,15 +10,17 @@ namespace {
 
 struct Int8MetaBackend {
   static constexpr bool kChecksValuesOnHost = false;
+  static constexpr bool kIntegerIO = false;  // float32 output; the glue quantizes it
   static at::Tensor linear(const at::Tensor& input, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                            const at::Tensor& weight, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, bool, const int8::WeightQParams&) {
+                           const std::optional<at::Tensor>&, bool, const int8::WeightQParams&,
+                           const std::optional<int8::OutputQParams>&) {
     return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
   }
   static at::Tensor convolution(const at::Tensor& input, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const std::optional<at::Tensor>&, const int8::ConvGeometry& geo, bool transposed,
-                                int64_t, bool) {
+                                int64_t, bool, const std::optional<int8::OutputQParams>&) {
     return int8::empty_conv_output(geo, transposed, input.options());
   }
   static at::Tensor linear_dynamic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor&,
@@ -26,7 +28,8 @@ struct Int8MetaBackend {
     return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
   }
   static void add(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const at::Tensor&,
-                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, at::Tensor&) {}
+                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, const std::optional<int8::OutputQParams>&,
+                  at::Tensor&) {}
 };
 
 }  // namespace

@@ -26,6 +26,13 @@ per byte; ``weight_scale``, ``weight_zero_point``; ``bias`` int32; ``input_scale
 ``input_zero_point``), so ``state_dict`` holds no ``torch.ao`` quantized tensors; the
 configuration (shapes, quant ranges, convolution geometry) is given to the constructor.
 
+Integer activations between layers: a Linear, convolution or Add whose output only feeds INT8
+layers quantizing it to one grid can write that grid's integers instead of float32
+(:meth:`_OutputGrid.quantize_output_to`, set by :func:`qatx.convert`): uint8 (or int8) tensors
+holding :math:`\mathrm{clamp}(\mathrm{rint}(y \cdot (1/s)) + z, q_{min}, q_{max})`, exactly what
+the consumer's input quantization makes of the float32 output, so the model's results do not
+change. Every layer takes such integer tensors as input (its own grid's integers).
+
 A QAT layer without an input quantizer (a weight-only config such as ``W4_WEIGHT_ONLY``)
 becomes a weight-only module: integer weights dequantized to float in the forward, float
 activations and a float bias, computing exactly what the QAT layer computes.
@@ -117,6 +124,19 @@ def _is_int8_input_range(quant_min: int, quant_max: int) -> bool:
     return -128 <= quant_min < quant_max <= 255 and quant_max - quant_min <= 255
 
 
+def _is_op_input(x: Tensor, quant_min: int, quant_max: int) -> bool:
+    """Whether the INT8 ops take x on a grid with this range: float32, or integers of a dtype that holds it."""
+    return (x.dtype == torch.float32 or (x.dtype == torch.uint8 and quant_min >= 0) or
+            (x.dtype == torch.int8 and quant_max <= 127))
+
+
+def _dequantized(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """An integer operand as float32 ``(q - z) * s`` (which its quantizer maps back to q); float as it is."""
+    if x.is_floating_point():
+        return x
+    return (x.float() - zero_point.float()) * scale
+
+
 def _check_calibrated(mod: nn.Module, name: str) -> None:
     from ...quantizers import FakeQuantize
     q = getattr(mod, name, None)
@@ -141,7 +161,54 @@ def _describe_weight(bits: int, scale: Tensor) -> str:
 # ------------------------------------------------------------------------------------------
 # Layers.
 
-class _QuantizedLayer(nn.Module):
+class _OutputGrid(nn.Module):
+    """The optional output grid of an INT8 op: ``output_scale`` / ``output_zero_point`` buffers
+    (``None`` for float32 output) and the range ``output_quant_min`` .. ``output_quant_max``."""
+
+    output_quant_min: int
+    output_quant_max: int
+
+    def _init_output_grid(self) -> None:
+        self.output_quant_min = 0
+        self.output_quant_max = 255
+        self.register_buffer("output_scale", None)
+        self.register_buffer("output_zero_point", None)
+
+    def quantize_output_to(self, scale: Optional[Tensor], zero_point: Optional[Tensor] = None, quant_min: int = 0,
+                           quant_max: int = 255) -> None:
+        """Makes the output the integers of this per-tensor grid (uint8 when ``quant_min >= 0``,
+        else int8), or float32 again when ``scale`` is None."""
+        if scale is None:
+            self.output_scale = None
+            self.output_zero_point = None
+            return
+        if not getattr(self, "quantize_input", True):
+            raise ValueError(f"{type(self).__name__} computes in float (no input quantizer); its output stays float32")
+        if zero_point is None or scale.numel() != 1 or zero_point.numel() != 1:
+            raise ValueError("quantize_output_to needs a one-element scale and zero_point")
+        if not (0 <= quant_min < quant_max <= 255 or -128 <= quant_min < quant_max <= 127):
+            raise ValueError(f"quant_min={quant_min}, quant_max={quant_max}: the output range must lie inside "
+                             f"[0, 255] (uint8) or [-128, 127] (int8)")
+        self.output_scale = scale.detach().float().reshape(1).clone()
+        self.output_zero_point = zero_point.detach().to(torch.int32).reshape(1).clone()
+        self.output_quant_min = int(quant_min)
+        self.output_quant_max = int(quant_max)
+
+    def dequantize_output(self, y: Tensor) -> Tensor:
+        """float32 values of an output: integer outputs dequantized, ``(q - z) * s``."""
+        if y.is_floating_point() or self.output_scale is None:
+            return y
+        return (y.float() - self.output_zero_point.float()) * self.output_scale
+
+    def _output_repr(self) -> str:
+        if self.output_scale is None:
+            return ""
+        kind = "uint8" if self.output_quant_min >= 0 else "int8"
+        return (f", output={kind} [{self.output_quant_min}, {self.output_quant_max}] "
+                f"scale={self.output_scale.item():.4g} zero_point={int(self.output_zero_point.item())}")
+
+
+class _QuantizedLayer(_OutputGrid):
     """Shared state of the weight layers: int weight (+4-bit packing), qparams, input qparams."""
 
     weight_bits: int
@@ -165,6 +232,7 @@ class _QuantizedLayer(nn.Module):
         self.input_quant_min = input_quant_min
         self.input_quant_max = input_quant_max
         self.relu = relu
+        self._init_output_grid()
         if weight_bits <= 4:
             stored = list(weight_shape[:-1]) + [(weight_shape[-1] + 1) // 2]
             self.register_buffer("weight", torch.zeros(stored, dtype=torch.uint8, device=device))
@@ -272,7 +340,8 @@ class Linear(_QuantizedLayer):
         if self.quantize_input:
             return torch.ops.qatx.linear_int8(input, self.input_scale, self.input_zero_point, self.input_quant_min,
                                               self.input_quant_max, w, self.weight_scale, self.weight_zero_point,
-                                              self.bias, self.relu)
+                                              self.bias, self.relu, self.output_scale, self.output_zero_point,
+                                              self.output_quant_min, self.output_quant_max)
         y = F.linear(input, self._dequantized_weight(w), self.bias)
         return F.relu(y) if self.relu else y
 
@@ -288,7 +357,7 @@ class Linear(_QuantizedLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={_describe_weight(self.weight_bits, self.weight_scale)}, {self._input_repr()}"
-                f"{', relu=True' if self.relu else ''}")
+                f"{', relu=True' if self.relu else ''}{self._output_repr()}")
 
 
 class _ConvNd(_QuantizedLayer):
@@ -376,7 +445,9 @@ class _ConvNd(_QuantizedLayer):
         return torch.ops.qatx.convolution_int8(input, self.input_scale, self.input_zero_point, self.input_quant_min,
                                                self.input_quant_max, self.conv_weight(), self.weight_scale,
                                                self.weight_zero_point, self.bias, self.stride, padding, self.dilation,
-                                               self.transposed, self.output_padding, self.groups, self.relu)
+                                               self.transposed, self.output_padding, self.groups, self.relu,
+                                               self.output_scale, self.output_zero_point, self.output_quant_min,
+                                               self.output_quant_max)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
@@ -392,7 +463,7 @@ class _ConvNd(_QuantizedLayer):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return (f"{s}, bias={self.bias is not None}, weight={_describe_weight(self.weight_bits, self.weight_scale)}, "
-                f"{self._input_repr()}{', relu=True' if self.relu else ''}")
+                f"{self._input_repr()}{', relu=True' if self.relu else ''}{self._output_repr()}")
 
 
 class Conv1d(_ConvNd):
@@ -552,13 +623,14 @@ class _TwoOperands(nn.Module):
         return new.eval()
 
 
-class Add(_TwoOperands):
+class Add(_TwoOperands, _OutputGrid):
     """Converted :class:`qatx.nn.QuantAdd`: ``q_1(x) + q_2(y)`` with the frozen qparams, then a
     ReLU when ``relu`` (set by :func:`qatx.convert` when a ReLU alone reads the sum).
 
-    When both operands are quantized to 8-bit grids and are float32 tensors of the same shape,
-    this is one :func:`qatx.ops.add_int8` pass (bit-identical to the three ops it replaces);
-    otherwise the fake-quantize ops and ``+``.
+    When both operands are quantized to 8-bit grids and are tensors of the same shape, this is
+    one :func:`qatx.ops.add_int8` pass (bit-identical to the three ops it replaces); otherwise the
+    fake-quantize ops and ``+``. Operands may be integer tensors on their grids, and the output
+    may be quantized (:meth:`quantize_output_to`), as for the layers.
     """
 
     relu: bool
@@ -566,23 +638,32 @@ class Add(_TwoOperands):
     def __init__(self, relu: bool = False):
         super().__init__()
         self.relu = relu
+        self._init_output_grid()
 
     def _fusable(self, x: Tensor, y: Tensor) -> bool:
         a, b = self.input_quant, self.other_quant
         return (a.enabled and b.enabled and _is_int8_input_range(a.quant_min, a.quant_max) and
-                _is_int8_input_range(b.quant_min, b.quant_max) and x.dtype == torch.float32 and
-                y.dtype == torch.float32 and x.shape == y.shape and x.device == y.device)
+                _is_int8_input_range(b.quant_min, b.quant_max) and _is_op_input(x, a.quant_min, a.quant_max) and
+                _is_op_input(y, b.quant_min, b.quant_max) and x.shape == y.shape and x.device == y.device)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        a, b = self.input_quant, self.other_quant
         if self._fusable(x, y):
-            a, b = self.input_quant, self.other_quant
             return torch.ops.qatx.add_int8(x, a.scale, a.zero_point, a.quant_min, a.quant_max, y, b.scale,
-                                           b.zero_point, b.quant_min, b.quant_max, self.relu)
-        out = self.input_quant(x) + self.other_quant(y)
-        return torch.relu(out) if self.relu else out
+                                           b.zero_point, b.quant_min, b.quant_max, self.relu, self.output_scale,
+                                           self.output_zero_point, self.output_quant_min, self.output_quant_max)
+        out = self.input_quant(_dequantized(x, a.scale, a.zero_point)) + \
+            self.other_quant(_dequantized(y, b.scale, b.zero_point))
+        out = torch.relu(out) if self.relu else out
+        scale, zero_point = self.output_scale, self.output_zero_point
+        if scale is not None and zero_point is not None:
+            dtype = torch.uint8 if self.output_quant_min >= 0 else torch.int8
+            return torch.ops.qatx.quantize_per_tensor_affine(out, scale, zero_point, self.output_quant_min,
+                                                             self.output_quant_max, dtype)
+        return out
 
     def extra_repr(self) -> str:
-        return "relu=True" if self.relu else ""
+        return ("relu=True" if self.relu else "") + self._output_repr()
 
 
 class Matmul(_TwoOperands):
