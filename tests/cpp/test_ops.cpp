@@ -701,6 +701,41 @@ TEST_F(OpsTest, AddInt8EqualsTheFakeQuantizedSum) {
   EXPECT_THROW(qatx::ops::add_int8(x, sx, zx, 0, 255, y.narrow(3, 0, 2), sy, zy, -128, 127), c10::Error);
 }
 
+// Integer activations: a layer writes the next layer's uint8 codes, which that layer reads as they
+// are; the bits equal float32 output followed by the next layer's quantization.
+TEST_F(OpsTest, Int8LayersChainIntegerActivations) {
+  const QRange in{0, 255}, mid{0, 255}, out_range{-128, 127};
+  const Tensor x = random_input({2, 6, 9, 9});
+  const Tensor s_in = random_scale({1}), z_in = random_zero_point({1}, in);
+  const Tensor s_mid = random_scale({1}), z_mid = random_zero_point({1}, mid);
+  const Tensor s_out = random_scale({1}), z_out = random_zero_point({1}, out_range);
+  const Tensor w1 = torch::randint(-128, 128, {8, 6, 3, 3}, torch::kChar);
+  const Tensor w2 = torch::randint(-128, 128, {5, 8 * 9 * 9}, torch::kChar);
+  const Tensor sw1 = random_scale({8}), sw2 = random_scale({5});
+  const Tensor zw1 = torch::zeros({8}, torch::kInt), zw2 = torch::zeros({5}, torch::kInt);
+  const auto conv = [&](const Tensor& input, const std::optional<Tensor>& s, const std::optional<Tensor>& z) {
+    return qatx::ops::convolution_int8(input, s_in, z_in, in.qmin, in.qmax, w1, sw1, zw1, std::nullopt, {1, 1},
+                                       {1, 1}, {1, 1}, false, {0, 0}, 1, true, s, z, mid.qmin, mid.qmax);
+  };
+  const Tensor y1 = conv(x, std::nullopt, std::nullopt);
+  const Tensor codes = conv(x, s_mid, z_mid);
+  ASSERT_EQ(codes.scalar_type(), torch::kByte);
+  EXPECT_TRUE(torch::equal(codes, qatx::ops::quantize_per_tensor_affine(y1, s_mid, z_mid, 0, 255, torch::kByte)));
+  EXPECT_EQ(codes.strides(), y1.strides());  // channels-last, like the float32 output
+  const Tensor flat_float = y1.flatten(1), flat_codes = codes.flatten(1);
+  const Tensor y2 = qatx::ops::linear_int8(flat_float, s_mid, z_mid, 0, 255, w2, sw2, zw2);
+  EXPECT_TRUE(torch::equal(qatx::ops::linear_int8(flat_codes, s_mid, z_mid, 0, 255, w2, sw2, zw2), y2));
+  const Tensor signed_codes = qatx::ops::linear_int8(flat_codes, s_mid, z_mid, 0, 255, w2, sw2, zw2, std::nullopt,
+                                                     false, s_out, z_out, out_range.qmin, out_range.qmax);
+  ASSERT_EQ(signed_codes.scalar_type(), torch::kChar);
+  EXPECT_TRUE(torch::equal(signed_codes,
+                           qatx::ops::quantize_per_tensor_affine(y2, s_out, z_out, -128, 127, torch::kChar)));
+  EXPECT_ERROR_MENTIONS(qatx::ops::linear_int8(flat_codes, s_mid, z_mid, -128, 127, w2, sw2, zw2), "uint8");
+  EXPECT_ERROR_MENTIONS(
+      qatx::ops::linear_int8(flat_float, s_mid, z_mid, 0, 255, w2, sw2, zw2, std::nullopt, false, s_out, std::nullopt),
+      "output_zero_point");
+}
+
 TEST_F(OpsTest, CpuOutputCacheReusesAFreedOutput) {
   const int64_t previous = qatx::ops::set_cpu_cache_limit(int64_t{16} << 20);
   qatx::ops::empty_cpu_cache();

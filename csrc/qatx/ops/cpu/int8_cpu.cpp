@@ -127,13 +127,23 @@ struct EpilogueTerms {
 };
 EpilogueTerms epilogue_terms(float s_in, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                              int64_t out) {
+  // Read in place when already float32 / int32 (the converted modules' dtypes): no per-call copies.
   EpilogueTerms e;
-  const at::Tensor sw = weight_scale.to(at::kFloat).reshape({-1}).expand({out}).contiguous();
-  for (int64_t c = 0; c < out; ++c) e.scale.push_back(static_cast<double>(s_in) * sw.const_data_ptr<float>()[c]);
+  const at::Tensor sw = weight_scale.scalar_type() == at::kFloat ? weight_scale.contiguous()
+                                                                 : weight_scale.to(at::kFloat).contiguous();
+  const float* swp = sw.const_data_ptr<float>();
+  const int64_t step = sw.numel() == 1 ? 0 : 1;
+  e.scale.resize(static_cast<size_t>(out));
+  for (int64_t c = 0; c < out; ++c) e.scale[c] = static_cast<double>(s_in) * swp[c * step];
   if (bias.has_value() && bias->defined()) {
-    const at::Tensor b = bias->to(at::kDouble).contiguous();
     std::vector<double>& dst = bias->scalar_type() == at::kInt ? e.bias : e.shift;
-    dst.assign(b.const_data_ptr<double>(), b.const_data_ptr<double>() + out);
+    if (bias->scalar_type() == at::kInt) {
+      const at::Tensor b = bias->contiguous();
+      dst.assign(b.const_data_ptr<int32_t>(), b.const_data_ptr<int32_t>() + out);
+    } else {
+      const at::Tensor b = bias->to(at::kDouble).contiguous();
+      dst.assign(b.const_data_ptr<double>(), b.const_data_ptr<double>() + out);
+    }
   }
   return e;
 }
@@ -186,7 +196,7 @@ int16_gemm::Output gemm_output(at::Tensor& out, int64_t ld, const std::optional<
   int16_gemm::Output y{out.data_ptr(), ld};
   if (out_q.has_value()) {
     y.type = out_q->dtype == at::kByte ? int16_gemm::Output::Type::UInt8 : int16_gemm::Output::Type::Int8;
-    y.inv_scale = 1.0f / out_q->scale.to(at::kFloat).item<float>();
+    y.inv_scale = 1.0f / out_q->scale.item<float>();
     y.zero_point = static_cast<float>(out_q->zero_point.item<int32_t>());
     y.quant_min = static_cast<float>(out_q->quant_min);
     y.quant_max = static_cast<float>(out_q->quant_max);
@@ -377,8 +387,8 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
 
 math::TensorGrid tensor_grid(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                              int64_t quant_max) {
-  const float s = scale.to(at::kFloat).item<float>();
-  return {s, 1.0f / s, zero_point.to(at::kFloat).item<float>(), static_cast<float>(quant_min),
+  const float s = scale.item<float>();
+  return {s, 1.0f / s, zero_point.item<float>(), static_cast<float>(quant_min),
           static_cast<float>(quant_max)};
 }
 
@@ -464,7 +474,7 @@ struct Int8CpuBackend {
                            const std::optional<at::Tensor>& bias, bool relu, const int8::WeightQParams& wq,
                            const std::optional<int8::OutputQParams>& out_q) {
     if (int16_gemm::supported() && wq.kind != int8::WeightQParams::Kind::PerGroup && weight.size(1) > 0) {
-      at::Tensor y = linear_int16(input, input_scale.to(at::kFloat).item<float>(), input_zero_point.item<int32_t>(),
+      at::Tensor y = linear_int16(input, input_scale.item<float>(), input_zero_point.item<int32_t>(),
                                   quant_min, quant_max, weight, weight_scale, weight_zero_point, bias, relu, out_q,
                                   "qatx::linear_int8");
       if (y.defined()) return y;
@@ -480,7 +490,7 @@ struct Int8CpuBackend {
                                 const int8::ConvGeometry& geo, bool transposed, int64_t groups, bool relu,
                                 const std::optional<int8::OutputQParams>& out_q) {
     if (int16_gemm::supported() && !transposed && weight.numel() > 0) {
-      const float s = input_scale.to(at::kFloat).item<float>();
+      const float s = input_scale.item<float>();
       const int32_t z = input_zero_point.item<int32_t>();
       constexpr const char* op = "qatx::convolution_int8";
       at::Tensor y;
