@@ -147,6 +147,8 @@ def _chain_integer_activations(model: nn.Module) -> int:
         if type(layer) not in _RELU_FUSABLE or calls[node.target] != 1 or \
                 not getattr(layer, "quantize_input", True) or layer.output_scale is not None:
             continue
+        if next(iter(layer.buffers())).device.type != "cpu":
+            continue  # the CUDA kernels read and write float32: a chain would add conversion passes
         grids, frontier, ok = set(), [node], True
         while frontier and ok:
             value = frontier.pop()
@@ -186,7 +188,9 @@ def convert(model: nn.Module, inplace: bool = False, integer_activations: bool =
     ``nn.Dropout``, ``flatten``, ``reshape``, ``view``) writes that grid's integers (uint8 / int8)
     instead of float32, and the consumers read them as they are: the same results bit for bit,
     without a float32 tensor and a quantization pass between the layers. The model's outputs
-    and everything else stay float32.
+    and everything else stay float32. Layers on CUDA keep float32 (their kernels read and write
+    float32, so integers would add conversion passes); a model chained on the CPU still runs on
+    CUDA after ``.cuda()``, converting the integers there.
 
     Raises ``TypeError`` for a non-module, ``ValueError`` when the model has no QAT module
     (call :func:`qatx.prepare_qat` first) or a layer's input quantizer never observed data.

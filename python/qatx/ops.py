@@ -238,8 +238,9 @@ def fake_quantize_pact(input: Tensor, alpha: Tensor, bits: int, is_signed: bool)
 
 def linear_int8(input: Tensor, input_scale: Tensor, input_zero_point: Tensor, input_quant_min: int,
                 input_quant_max: int, weight: Tensor, weight_scale: Tensor, weight_zero_point: Tensor,
-                bias: Optional[Tensor] = None, relu: bool = False, output_scale: Optional[Tensor] = None, output_zero_point: Optional[Tensor] = None,
-                output_quant_min: int = 0, output_quant_max: int = 255) -> Tensor:
+                bias: Optional[Tensor] = None, relu: bool = False, output_scale: Optional[Tensor] = None,
+                output_zero_point: Optional[Tensor] = None, output_quant_min: int = 0,
+                output_quant_max: int = 255) -> Tensor:
     r"""INT8 linear layer: float32 ``input [..., K]`` → float32 ``[..., N]``.
 
     .. math::

@@ -11,8 +11,8 @@ using OptT = const std::optional<at::Tensor>&;
 using Ints = at::IntArrayRef;
 
 T linear_int8(CT input, CT input_scale, CT input_zero_point, int64_t input_quant_min, int64_t input_quant_max,
-              CT weight, CT weight_scale, CT weight_zero_point, OptT bias, bool relu, OptT output_scale, OptT output_zero_point,
-              int64_t output_quant_min, int64_t output_quant_max) {
+              CT weight, CT weight_scale, CT weight_zero_point, OptT bias, bool relu, OptT output_scale,
+              OptT output_zero_point, int64_t output_quant_min, int64_t output_quant_max) {
   QATX_DISPATCH("linear_int8", T(CT, CT, CT, int64_t, int64_t, CT, CT, CT, OptT, bool, OptT, OptT, int64_t, int64_t),
                 input, input_scale, input_zero_point, input_quant_min, input_quant_max, weight, weight_scale,
                 weight_zero_point, bias, relu, output_scale, output_zero_point, output_quant_min, output_quant_max);

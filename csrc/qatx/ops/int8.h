@@ -1,6 +1,7 @@
 // Public C++ API of the INT8 inference ops: typed calls through the dispatcher (CPU, CUDA and
 // Meta kernels). Inputs are float32, or uint8 / int8 holding the quantized integers; with
-// output_scale and output_zero_point the output is quantized to that grid (uint8 / int8). Formulas, rounding, saturation and errors: docs/ops.md.
+// output_scale and output_zero_point the output is quantized to that grid (uint8 / int8).
+// Formulas, rounding, saturation and errors: docs/ops.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>

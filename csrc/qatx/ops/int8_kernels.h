@@ -23,7 +23,8 @@ struct Int8Kernels {
                                 const at::Tensor& input_zero_point, int64_t quant_min, int64_t quant_max,
                                 const at::Tensor& weight, const at::Tensor& weight_scale,
                                 const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias, bool relu,
-                                const std::optional<at::Tensor>& output_scale, const std::optional<at::Tensor>& output_zero_point,
+                                const std::optional<at::Tensor>& output_scale,
+                                const std::optional<at::Tensor>& output_zero_point,
                                 int64_t output_quant_min, int64_t output_quant_max) {
     constexpr const char* op = "qatx::linear_int8";
     const c10::SymInt n = int8::check_linear(input, weight, op);
@@ -46,7 +47,8 @@ struct Int8Kernels {
                                      const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      bool transposed, at::IntArrayRef output_padding, int64_t groups, bool relu,
-                                     const std::optional<at::Tensor>& output_scale, const std::optional<at::Tensor>& output_zero_point,
+                                     const std::optional<at::Tensor>& output_scale,
+                                     const std::optional<at::Tensor>& output_zero_point,
                                      int64_t output_quant_min, int64_t output_quant_max) {
     constexpr const char* op = "qatx::convolution_int8";
     const auto geo = int8::check_convolution(input, weight, stride, padding, dilation, transposed, output_padding,
@@ -81,7 +83,8 @@ struct Int8Kernels {
                              const at::Tensor& input_zero_point, int64_t input_quant_min, int64_t input_quant_max,
                              const at::Tensor& other, const at::Tensor& other_scale, const at::Tensor& other_zero_point,
                              int64_t other_quant_min, int64_t other_quant_max, bool relu,
-                             const std::optional<at::Tensor>& output_scale, const std::optional<at::Tensor>& output_zero_point,
+                             const std::optional<at::Tensor>& output_scale,
+                             const std::optional<at::Tensor>& output_zero_point,
                              int64_t output_quant_min, int64_t output_quant_max) {
     constexpr const char* op = "qatx::add_int8";
     int8::check_input_qparams(input, input_scale, input_zero_point, input_quant_min, input_quant_max,

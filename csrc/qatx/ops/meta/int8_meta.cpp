@@ -28,8 +28,8 @@ struct Int8MetaBackend {
     return at::empty_symint(int8::linear_output_shape(input, weight), input.options());
   }
   static void add(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const at::Tensor&,
-                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, const std::optional<int8::OutputQParams>&,
-                  at::Tensor&) {}
+                  const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool,
+                  const std::optional<int8::OutputQParams>&, at::Tensor&) {}
 };
 
 }  // namespace
