@@ -29,6 +29,9 @@ constexpr int64_t kPanel = 16;  // columns per B panel: two ymm of int32
 constexpr int64_t kTileRows = 6;  // rows per micro-tile: 12 accumulators + 2 B + 1 A + 1 product = 16 ymm
 constexpr int64_t kBlockRows = 192;  // rows of A per work item (a multiple of 2 * kTileRows)
 constexpr int64_t kL2Bytes = 512 * 1024;  // per-core L2 of the CPUs this is tuned on (AMD Zen 3)
+// Multiply-adds below which a call runs on the calling thread: a few microseconds of work, about
+// what waking the other threads costs (an OpenMP fork and join measured 3-4 us here).
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;
 }  // namespace
 
 bool supported() {
@@ -297,7 +300,8 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
 #if QATX_INT16_GEMM
   if (m == 0 || b.n == 0) return;
   const int64_t taps = b.k, blocks = (b.n + kPanel - 1) / kPanel, steps = (m + kDepthwiseRows - 1) / kDepthwiseRows;
-  at::parallel_for(0, steps, std::max<int64_t>(1, 4096 / (b.n * taps)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = m * b.n * taps < kMinParallelWork ? steps : std::max<int64_t>(1, 4096 / (b.n * taps));
+  at::parallel_for(0, steps, grain, [&](int64_t begin, int64_t end) {
     std::vector<const int16_t*> starts(static_cast<size_t>(kDepthwiseRows * taps));
     alignas(32) int32_t acc[kDepthwiseRows * kPanel];
     for (int64_t step = begin; step < end; ++step) {
@@ -329,7 +333,7 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
   // panel of the slice while its rows are in L1. A larger B would then stream from L3 once per
   // tile, so each panel meets every tile of a (smaller) block instead, whose rows stay in L2.
   const bool panel_outer = static_cast<int64_t>(b.panels.size() * sizeof(int16_t)) > kL2Bytes;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = m * b.n * b.kp < kMinParallelWork ? 1 : at::get_num_threads();
   const int64_t max_rows = panel_outer ? kBlockRows / 2 : kBlockRows;
   const int64_t block_rows =
       std::min<int64_t>(max_rows, std::max<int64_t>(kTileRows, (m + threads - 1) / threads + kTileRows - 1) /
@@ -338,7 +342,7 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
   const int64_t slices = std::min<int64_t>(panels, std::max<int64_t>(1, threads / blocks));
   const int64_t per_slice = (panels + slices - 1) / slices;
   const int64_t tile_starts = segments * kTileRows;
-  at::parallel_for(0, blocks * slices, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks * slices, threads == 1 ? blocks * slices : 1, [&](int64_t begin, int64_t end) {
     // starts[t * tile_starts + s * 6 + i]: run s of row i of the block's tile t.
     std::vector<const int16_t*> starts(static_cast<size_t>(block_rows / kTileRows * tile_starts));
     std::vector<const int16_t*> row(static_cast<size_t>(segments));

@@ -159,6 +159,10 @@ int16_t* int16_scratch(int64_t n, std::vector<int16_t>& owner) {
   return buffer.data();
 }
 
+// Input elements per thread when quantizing (or widening) the input: fewer run on the calling
+// thread, since waking the others costs about as much as quantizing them.
+constexpr int64_t kQuantizeGrain = int64_t{1} << 16;
+
 void check_no_nan(bool ok, const char* op) {
   TORCH_CHECK(ok, op, ": input contains NaN, which has no quantized value");
 }
@@ -225,7 +229,7 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   std::vector<int16_t> owner;
   int16_t* a = int16_scratch(m * b.kp, owner);
   std::atomic<bool> ok{true};
-  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 14) / k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, std::max<int64_t>(1, kQuantizeGrain / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (!quantize(r * k, a + r * b.kp, k)) ok = false;
       if (b.kp != k) a[r * b.kp + k] = 0;  // the zero column of an odd K
@@ -316,7 +320,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   const CenteredInput quantize(x, s_in, z_in, quant_min, quant_max);
   std::atomic<bool> ok{true};
   const int64_t padded_rows = batch * padded[0] * padded[1];
-  at::parallel_for(0, padded_rows, std::max<int64_t>(1, (1 << 14) / row_len), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, padded_rows, std::max<int64_t>(1, kQuantizeGrain / row_len), [&](int64_t begin, int64_t end) {
     std::vector<int16_t> tmp(cgp == cg ? 0 : static_cast<size_t>(in[2] * c_in));
     for (int64_t r = begin; r < end; ++r) {
       int16_t* dst = xq + r * row_len;
