@@ -179,60 +179,76 @@ QATX_AVX2 void tile_row(const int16_t* const* starts, int64_t segments, int64_t 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8), _mm256_add_epi32(c1, d1));
 }
 
-// Four epilogue results (float32, ReLU applied) stored as T: as they are, or quantized.
+// The output grid's constants, read once per tile into registers (the stores, through a char
+// type, could otherwise alias them and force a reload per vector).
+struct Grid {
+  __m256 inv, z, lo, hi;
+  float inv1, z1, lo1, hi1;
+};
+QATX_AVX2 inline Grid grid_of(const Output& y) {
+  return {_mm256_set1_ps(y.inv_scale), _mm256_set1_ps(y.zero_point), _mm256_set1_ps(y.quant_min),
+          _mm256_set1_ps(y.quant_max), y.inv_scale, y.zero_point, y.quant_min, y.quant_max};
+}
+
+// Eight epilogue results (float32, ReLU applied) stored as T: as they are, or quantized with the
+// same float32 operations as math::quantize_value (the clamped integers then pack without
+// saturating).
 template <typename T>
-QATX_AVX2 inline void store4(__m128 f, T* out, const Output& y);
-template <>
-QATX_AVX2 inline void store4<float>(__m128 f, float* out, const Output&) {
-  _mm_storeu_ps(out, f);
-}
-// The same float32 operations as math::quantize_value; the clamped integers then pack without
-// saturating.
-QATX_AVX2 inline __m128i quantize4(__m128 f, const Output& y) {
-  const __m128 q = _mm_add_ps(_mm_round_ps(_mm_mul_ps(f, _mm_set1_ps(y.inv_scale)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                              _mm_set1_ps(y.zero_point));
-  const __m128i v = _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(q, _mm_set1_ps(y.quant_min)), _mm_set1_ps(y.quant_max)));
-  return _mm_packs_epi32(v, v);
-}
-template <>
-QATX_AVX2 inline void store4<uint8_t>(__m128 f, uint8_t* out, const Output& y) {
-  const int32_t bytes = _mm_cvtsi128_si32(_mm_packus_epi16(quantize4(f, y), _mm_setzero_si128()));
-  std::memcpy(out, &bytes, sizeof bytes);
-}
-template <>
-QATX_AVX2 inline void store4<int8_t>(__m128 f, int8_t* out, const Output& y) {
-  const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(quantize4(f, y), _mm_setzero_si128()));
-  std::memcpy(out, &bytes, sizeof bytes);
+QATX_AVX2 inline void store8(__m256 f, T* out, const Grid& g) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(out, f);
+  } else {
+    const __m256 q = _mm256_add_ps(
+        _mm256_round_ps(_mm256_mul_ps(f, g.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), g.z);
+    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, g.lo), g.hi));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    const __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
+  }
 }
 template <typename T>
-inline T store1(float f, const Output& y) {
+inline T store1(float f, const Grid& g) {
   if constexpr (std::is_same_v<T, float>) {
     return f;
   } else {
-    return static_cast<T>(math::quantize_value(f, y.inv_scale, y.zero_point, y.quant_min, y.quant_max));
+    return static_cast<T>(math::quantize_value(f, g.inv1, g.z1, g.lo1, g.hi1));
   }
 }
 
+// Four epilogue results in float64, rounded to float32, ReLU applied.
+QATX_AVX2 inline __m128 four(__m128i a, const double* scale, const double* bias, const double* shift, bool relu) {
+  __m256d v = _mm256_cvtepi32_pd(a);
+  if (bias) v = _mm256_add_pd(v, _mm256_loadu_pd(bias));
+  v = _mm256_mul_pd(v, _mm256_loadu_pd(scale));
+  if (shift) v = _mm256_add_pd(v, _mm256_loadu_pd(shift));
+  const __m128 f = _mm256_cvtpd_ps(v);
+  return relu ? _mm_max_ps(f, _mm_setzero_ps()) : f;
+}
+
 // Rows < mr and columns < cols of the tile through the epilogue (int16_gemm.h); the columns from
-// `col` on.
+// `col` on. Four columns per float64 vector, eight per output vector.
 template <typename T>
 QATX_AVX2 void store_tile_as(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep,
                              const Output& y) {
   const double *scale = ep.scale + col, *bias = ep.bias ? ep.bias + col : nullptr,
                *shift = ep.shift ? ep.shift + col : nullptr;
+  const bool relu = ep.relu;
+  const Grid g = grid_of(y);
+  T* const base = static_cast<T*>(y.data);
+  const int64_t ld = y.ld;
   for (int64_t i = 0; i < mr; ++i) {
     const int32_t* a = acc + i * kPanel;
-    T* out = static_cast<T*>(y.data) + i * y.ld;
+    T* out = base + i * ld;
     int64_t j = 0;
-    for (; j + 4 <= cols; j += 4) {
-      __m256d v = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
-      if (bias) v = _mm256_add_pd(v, _mm256_loadu_pd(bias + j));
-      v = _mm256_mul_pd(v, _mm256_loadu_pd(scale + j));
-      if (shift) v = _mm256_add_pd(v, _mm256_loadu_pd(shift + j));
-      __m128 f = _mm256_cvtpd_ps(v);
-      if (ep.relu) f = _mm_max_ps(f, _mm_setzero_ps());
-      store4<T>(f, out + j, y);
+    for (; j + 8 <= cols; j += 8) {
+      // One 256-bit load per 256-bit store of the accumulators (a load of its upper half alone
+      // would not be forwarded from the store).
+      const __m256i a8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
+      const __m128 lo = four(_mm256_castsi256_si128(a8), scale + j, bias ? bias + j : nullptr,
+                             shift ? shift + j : nullptr, relu);
+      const __m128 hi = four(_mm256_extracti128_si256(a8, 1), scale + j + 4, bias ? bias + j + 4 : nullptr,
+                             shift ? shift + j + 4 : nullptr, relu);
+      store8<T>(_mm256_set_m128(hi, lo), out + j, g);
     }
     for (; j < cols; ++j) {
       double v = static_cast<double>(a[j]);
@@ -240,7 +256,7 @@ QATX_AVX2 void store_tile_as(const int32_t* acc, int64_t mr, int64_t col, int64_
       v *= scale[j];
       if (shift) v += shift[j];
       const float f = static_cast<float>(v);
-      out[j] = store1<T>(ep.relu ? std::max(f, 0.0f) : f, y);
+      out[j] = store1<T>(relu ? std::max(f, 0.0f) : f, g);
     }
   }
 }
