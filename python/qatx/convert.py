@@ -68,10 +68,11 @@ _RELU_FUSABLE = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Add)
 
 
 class _LayerTracer(torch.fx.Tracer):
-    """Keeps the INT8 layers, adds and ReLUs as single call_module nodes."""
+    """Keeps the INT8 layers, adds, ReLUs and poolings as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in _RELU_FUSABLE or isinstance(m, nn.ReLU) or super().is_leaf_module(m, qualname)
+        return type(m) in _RELU_FUSABLE or isinstance(m, (nn.ReLU, nnq.MaxPool2d)) or \
+            super().is_leaf_module(m, qualname)
 
 
 def _fuse_relus(model: nn.Module) -> None:
@@ -98,15 +99,19 @@ def _fuse_relus(model: nn.Module) -> None:
             _set_module(model, user.target, nn.Identity())
 
 
-# Nodes that only move or relabel a tensor's elements: integer activations pass through them.
-_PASS_THROUGH_MODULES = (nn.Identity, nn.Flatten, nn.Dropout)
+# Nodes that only move or relabel a tensor's elements, or take maxima of them (quantization is
+# monotone, so the max of the integers is the integer of the max): integer activations pass
+# through them. An nn.MaxPool2d becomes qatx.nn.quantized.MaxPool2d, which pools integers on
+# CUDA too.
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nnq.MaxPool2d)
 _PASS_THROUGH_FUNCTIONS = {torch.flatten, torch.reshape}
 _PASS_THROUGH_METHODS = {"flatten", "reshape", "view"}
 
 
 def _passes_through(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], _PASS_THROUGH_MODULES)
+        mod = modules[node.target]
+        return isinstance(mod, _PASS_THROUGH_MODULES) or (type(mod) is nn.MaxPool2d and not mod.return_indices)
     return (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS) or \
         (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS)
 
@@ -149,13 +154,15 @@ def _chain_integer_activations(model: nn.Module) -> int:
             continue
         if next(iter(layer.buffers())).device.type != "cpu":
             continue  # the CUDA kernels read and write float32: a chain would add conversion passes
-        grids, frontier, ok = set(), [node], True
+        grids, frontier, ok, pools = set(), [node], True, []
         while frontier and ok:
             value = frontier.pop()
             for user in value.users:
                 if _passes_through(user, modules) and user.args and user.args[0] is value and \
                         value not in user.args[1:] and value not in user.kwargs.values():
                     frontier.append(user)
+                    if user.op == "call_module" and type(modules[user.target]) is nn.MaxPool2d:
+                        pools.append(user.target)
                     continue
                 grid = _input_grid(user, value, modules)
                 ok = grid is not None
@@ -168,6 +175,10 @@ def _chain_integer_activations(model: nn.Module) -> int:
                 device = next(iter(layer.buffers())).device
                 layer.quantize_output_to(torch.tensor([scale], device=device),
                                          torch.tensor([zero_point], dtype=torch.int32, device=device), qmin, qmax)
+                for name in pools:
+                    if type(modules[name]) is nn.MaxPool2d:
+                        modules[name] = nnq.MaxPool2d.from_float(modules[name])
+                        _set_module(model, name, modules[name])
                 changed += 1
     return changed
 
@@ -185,7 +196,8 @@ def convert(model: nn.Module, inplace: bool = False, integer_activations: bool =
 
     ``integer_activations`` (default True): an INT8 Linear/Conv/Add whose output only feeds INT8
     layers that quantize it to one grid (directly, or through ``nn.Identity``, ``nn.Flatten``,
-    ``nn.Dropout``, ``flatten``, ``reshape``, ``view``) writes that grid's integers (uint8 / int8)
+    ``nn.Dropout``, ``nn.MaxPool2d`` (made a :class:`qatx.nn.quantized.MaxPool2d`), ``flatten``,
+    ``reshape``, ``view``) writes that grid's integers (uint8 / int8)
     instead of float32, and the consumers read them as they are: the same results bit for bit,
     without a float32 tensor and a quantization pass between the layers. The model's outputs
     and everything else stay float32. Layers on CUDA keep float32 (their kernels read and write

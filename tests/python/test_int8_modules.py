@@ -563,3 +563,71 @@ def test_cuda_converted_model_matches_cpu():
         y_cpu = int8(x)
         y_cuda = copy.deepcopy(int8).cuda()(x.cuda()).cpu()
     assert_within_one_step(y_cuda, y_cpu)
+
+
+class _Pooled(nn.Module):
+    """A ResNet-style stem: Conv-BN-ReLU, max pooling, then convolutions and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool2(self.conv(self.pool(self.stem(x)))), 1))
+
+
+def test_integer_activations_pass_through_max_pooling():
+    torch.manual_seed(0)
+    qat_model = calibrate(qatx.prepare_qat(_Pooled(), qatx.presets.W8A8), lambda: (torch.randn(8, 3, 10, 10),))
+    int8 = qatx.convert(qat_model)
+    plain = qatx.convert(qat_model, integer_activations=False)
+    assert isinstance(int8.pool, nnq.MaxPool2d) and isinstance(int8.pool2, nnq.MaxPool2d)
+    assert type(plain.pool) is nn.MaxPool2d  # nothing to pass through: left as it is
+    stem = int8.stem[0]
+    assert stem.output_scale is not None and int8.conv.output_scale is not None
+    x = torch.randn(5, 3, 10, 10)
+    with torch.no_grad():
+        assert int8.pool(stem(x)).dtype == torch.uint8
+        # Pooling the integers gives the integers of the pooled floats.
+        pooled = int8.pool(plain.stem[0](x))
+        assert torch.equal(int8.pool(stem(x)), torch.ops.qatx.quantize_per_tensor_affine(
+            pooled, stem.output_scale, stem.output_zero_point, 0, 255, torch.uint8))
+        y = plain(x)
+        assert torch.equal(int8(x), y)
+        assert torch.equal(torch.jit.script(int8)(x), y)
+        assert torch.equal(torch.export.export(int8, (x,)).module()(x), y)
+    rows = {r["layer"]: r for r in qatx.compare(qat_model, int8, [x]).rows}
+    assert rows["(model output)"]["max_err_lsb"] <= 1.0
+    with pytest.raises(TypeError, match="without return_indices"):
+        nnq.MaxPool2d.from_float(nn.MaxPool2d(2, return_indices=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_max_pooling_of_integer_activations():
+    pool = nnq.MaxPool2d(3, stride=2, padding=1)
+    q = torch.randint(0, 256, (2, 4, 9, 9), dtype=torch.uint8)
+    assert torch.equal(pool(q.cuda()).cpu(), pool(q))
+    s = torch.randint(-128, 128, (2, 4, 9, 9), dtype=torch.int8)
+    assert torch.equal(pool(s.cuda()).cpu(), pool(s))
+
+
+@pytest.mark.parametrize("config", [(2, None, 0, 1, False), (3, 2, 1, 1, False), (2, 2, 0, 1, True),
+                                    (3, 2, 1, 2, True), ((3, 2), (2, 1), (1, 0), 1, False)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_max_pool2d_of_integers_equals_float_pooling(config, dtype):
+    kernel, stride, padding, dilation, ceil_mode = config
+    pool = nnq.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    lo, hi = (0, 256) if dtype == torch.uint8 else (-128, 128)
+    for shape in [(2, 3, 9, 11), (1, 4, 64, 64)]:  # 64 x 64: beyond torch's own uint8 pooling limit
+        q = torch.randint(lo, hi, shape, dtype=dtype)
+        for x in (q, q.contiguous(memory_format=torch.channels_last)):
+            expected = F.max_pool2d(x.float(), kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+            out = pool(x)
+            assert out.dtype == dtype and torch.equal(out.float(), expected)
+    scripted = torch.jit.script(pool)
+    assert torch.equal(scripted(q), pool(q))

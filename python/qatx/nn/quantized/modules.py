@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-           "Embedding", "Add", "Cat", "Matmul", "DynamicLinear", "pack_int4", "unpack_int4"]
+           "Embedding", "Add", "Cat", "Matmul", "MaxPool2d", "DynamicLinear", "pack_int4", "unpack_int4"]
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -692,6 +692,67 @@ class Cat(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def _pooled_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling output size (``pooling_output_shape``)."""
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that also pools integer activations (what :func:`qatx.convert` puts in
+    place of a max pooling that integer activations pass through). Quantization is monotone, so
+    the max of a grid's integers is the integer of the max: the pooled integers are exactly those
+    of the pooled float values. Integers are pooled as the elementwise maximum of the window's
+    ``kernel_size`` strided views of the input, padded with the dtype's lowest value (torch's own
+    integer max pooling is limited to planes of at most 255 pixels for uint8 on the CPU, and
+    CUDA has none). Float input: ``nn.MaxPool2d`` itself."""
+
+    _window: List[int]  # kernel, stride, padding, dilation: (h, w) each
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False):
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+        if return_indices:
+            raise ValueError("qatx.nn.quantized.MaxPool2d does not return indices")
+        self._window = _pair(kernel_size) + _pair(stride if stride is not None else kernel_size) + \
+            _pair(padding) + _pair(dilation)
+
+    @classmethod
+    def from_float(cls, pool: nn.MaxPool2d) -> "MaxPool2d":
+        if type(pool) is not nn.MaxPool2d or pool.return_indices:
+            raise TypeError("MaxPool2d.from_float expects an nn.MaxPool2d without return_indices")
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, False, pool.ceil_mode)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.is_floating_point():
+            return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                ceil_mode=self.ceil_mode)
+        k, st, p, d = self._window[0:2], self._window[2:4], self._window[4:6], self._window[6:8]
+        h, w = input.shape[-2], input.shape[-1]
+        oh = _pooled_size(h, k[0], st[0], p[0], d[0], self.ceil_mode)
+        ow = _pooled_size(w, k[1], st[1], p[1], d[1], self.ceil_mode)
+        # Padding on the right and bottom reaches the last window (ceil_mode may need more than p).
+        bottom = max((oh - 1) * st[0] + d[0] * (k[0] - 1) + 1 - h - p[0], 0)
+        right = max((ow - 1) * st[1] + d[1] * (k[1] - 1) + 1 - w - p[1], 0)
+        lowest = 0 if input.dtype == torch.uint8 else -128
+        x = input
+        if p[0] > 0 or p[1] > 0 or bottom > 0 or right > 0:
+            x = F.pad(input, [p[1], right, p[0], bottom], value=float(lowest))
+        out = x[..., 0:(oh - 1) * st[0] + 1:st[0], 0:(ow - 1) * st[1] + 1:st[1]]
+        for i in range(k[0]):
+            for j in range(k[1]):
+                if i + j > 0:
+                    r, c = i * d[0], j * d[1]
+                    out = torch.maximum(out, x[..., r:r + (oh - 1) * st[0] + 1:st[0], c:c + (ow - 1) * st[1] + 1:st[1]])
+        return out
 
 
 # ------------------------------------------------------------------------------------------
