@@ -196,9 +196,9 @@ class _OutputGrid(nn.Module):
 
     def dequantize_output(self, y: Tensor) -> Tensor:
         """float32 values of an output: integer outputs dequantized, ``(q - z) * s``."""
-        if y.is_floating_point() or self.output_scale is None:
+        if self.output_scale is None or self.output_zero_point is None:
             return y
-        return (y.float() - self.output_zero_point.float()) * self.output_scale
+        return _dequantized(y, self.output_scale, self.output_zero_point)
 
     def _output_repr(self) -> str:
         if self.output_scale is None:
