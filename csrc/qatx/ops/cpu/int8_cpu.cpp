@@ -23,7 +23,6 @@
 #include <list>
 #include <memory>
 #include <mutex>
-#include <type_traits>
 #include <vector>
 
 #include "qatx/ops/cpu/cpu_kernels.h"
@@ -458,13 +457,21 @@ QATX_CPU_CLONES bool store_values(const float* v, int8_t* out, int64_t n, math::
   return quantize_values(v, out, n, go);
 }
 
-// Calls f with a null pointer of the C++ type of dtype (float32, uint8, int8).
-template <typename F>
-void with_element_type(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kByte: return f(static_cast<uint8_t*>(nullptr));
-    case at::kChar: return f(static_cast<int8_t*>(nullptr));
-    default: return f(static_cast<float*>(nullptr));
+// Elements [offset, offset + n) of a float32 / uint8 / int8 operand through grid_values.
+void grid_values_at(const at::Tensor& t, int64_t offset, float* v, int64_t n, math::TensorGrid g) {
+  switch (t.scalar_type()) {
+    case at::kByte: return grid_values(t.const_data_ptr<uint8_t>() + offset, v, n, g);
+    case at::kChar: return grid_values(t.const_data_ptr<int8_t>() + offset, v, n, g);
+    default: return grid_values(t.const_data_ptr<float>() + offset, v, n, g);
+  }
+}
+
+// The sums v into elements [offset, offset + n) of out, through store_values.
+bool store_values_at(const float* v, at::Tensor& out, int64_t offset, int64_t n, math::TensorGrid go) {
+  switch (out.scalar_type()) {
+    case at::kByte: return store_values(v, out.mutable_data_ptr<uint8_t>() + offset, n, go);
+    case at::kChar: return store_values(v, out.mutable_data_ptr<int8_t>() + offset, n, go);
+    default: return store_values(v, out.mutable_data_ptr<float>() + offset, n, go);
   }
 }
 
@@ -556,27 +563,15 @@ struct Int8CpuBackend {
         out_q.has_value() ? tensor_grid(out_q->scale, out_q->zero_point, out_q->quant_min, out_q->quant_max)
                           : math::TensorGrid{1.0f, 1.0f, 0.0f, 0.0f, 0.0f};
     std::atomic<bool> ok{true};
-    with_element_type(x.scalar_type(), [&](auto* x_type) {
-      with_element_type(y.scalar_type(), [&](auto* y_type) {
-        with_element_type(out.scalar_type(), [&](auto* out_type) {
-          using X = std::remove_pointer_t<decltype(x_type)>;
-          using Y = std::remove_pointer_t<decltype(y_type)>;
-          using O = std::remove_pointer_t<decltype(out_type)>;
-          const X* xp = static_cast<const X*>(x.const_data_ptr());
-          const Y* yp = static_cast<const Y*>(y.const_data_ptr());
-          O* op = static_cast<O*>(out.mutable_data_ptr());
-          at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-            float a[kAddBlock], b[kAddBlock];
-            for (int64_t i = begin; i < end; i += kAddBlock) {
-              const int64_t n = std::min(kAddBlock, end - i);
-              grid_values(xp + i, a, n, gx);
-              grid_values(yp + i, b, n, gy);
-              sum_values(a, b, n, relu);
-              if (!store_values(a, op + i, n, go)) ok = false;
-            }
-          });
-        });
-      });
+    at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+      float a[kAddBlock], b[kAddBlock];
+      for (int64_t i = begin; i < end; i += kAddBlock) {
+        const int64_t n = std::min(kAddBlock, end - i);
+        grid_values_at(x, i, a, n, gx);
+        grid_values_at(y, i, b, n, gy);
+        sum_values(a, b, n, relu);
+        if (!store_values_at(a, out, i, n, go)) ok = false;
+      }
     });
     check_no_nan(ok, "qatx::add_int8");
   }
