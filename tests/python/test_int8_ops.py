@@ -254,6 +254,62 @@ def test_convolution_int8_saturation_and_padding_residual(zero_point):
     assert torch.equal(y, ref)
 
 
+WINOGRAD_CASES = [
+    # (batch, c_in, c_out, height, width, padding): 3x3, stride 1, one group, >= 8 input channels
+    (2, 8, 16, 7, 7, 1),     # odd output: the last 2x2 blocks hang over the edge
+    (1, 9, 5, 4, 6, 1),      # odd C (a padded channel), fewer outputs than a panel
+    (3, 33, 40, 9, 8, 0),    # no padding; C and N not multiples of 16
+    (2, 16, 16, 5, 6, 2),    # padding wider than the patch overlap
+    (1, 10, 16, 1, 1, 1),    # one output pixel
+    (1, 8, 8, 3, 5, 0),      # one output row
+    (8, 64, 48, 12, 12, 1),  # 576 blocks: several chunks on every thread
+]
+
+
+@pytest.mark.parametrize("case", range(len(WINOGRAD_CASES)))
+@pytest.mark.parametrize("input_kind", ["float", "uint8", "int8"])
+def test_convolution_int8_winograd_shapes_are_exact(case, input_kind):
+    """3x3 stride-1 convolutions with 8 or more input channels take the CPU's Winograd F(2x2, 3x3)
+    route: the same bits as the exact integer reference at every edge case of its 2x2 blocks, for
+    float and integer inputs and a quantized output."""
+    b, cin, cout, h, w_, pad = WINOGRAD_CASES[case]
+    gen = torch.Generator().manual_seed(100 + case)
+    qmin, qmax, zero = {"float": (0, 255, 77), "uint8": (0, 255, 255), "int8": (-128, 127, -128)}[input_kind]
+    s, z = torch.tensor([0.03]), torch.tensor([zero], dtype=torch.int32)
+    if input_kind == "float":
+        x = torch.randn(b, cin, h, w_, generator=gen) * 3
+        q = x
+    else:
+        dtype = torch.uint8 if input_kind == "uint8" else torch.int8
+        q = torch.randint(qmin, qmax + 1, (b, cin, h, w_), generator=gen, dtype=dtype)
+        x = (q.float() - zero) * s  # the real values the integers encode
+    w = torch.randint(-128, 128, (cout, cin, 3, 3), generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, cout, True, asymmetric=True)
+    bias = torch.randint(-3000, 3000, (cout,), generator=gen, dtype=torch.int32)
+    args = (s, z, qmin, qmax, w, sw, zw, bias, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, True)
+    ref = ref_conv(x, s, z, qmin, qmax, w, sw, zw, bias, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, True)
+    assert_close_epilogue(qatx.convolution_int8(q, *args), ref)
+    out_s, out_z = torch.tensor([0.5]), torch.tensor([3], dtype=torch.int32)
+    y = qatx.convolution_int8(q, *args, out_s, out_z, 0, 255)
+    assert y.dtype == torch.uint8
+    assert torch.equal(y.long(), ref_quantize(ref, out_s, out_z, 0, 255))
+
+
+@pytest.mark.parametrize("weight_zero_point", [0, 127])
+def test_convolution_int8_winograd_extremes_and_bound(weight_zero_point):
+    """The Winograd route at its largest transformed values (inputs and weights at the ends of
+    their ranges, |w - z| up to 255), and a layer whose 4y could pass int32 (36 * C * max|a| *
+    max|w - z| >= 2^31) but whose direct sum cannot: exact on the implicit GEMM instead."""
+    gen = torch.Generator().manual_seed(7)
+    s, z = torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
+    for cin in (16, 1900):
+        q = torch.where(torch.rand(1, cin, 4, 4, generator=gen) < 0.5, 255, 0).float()
+        w = torch.where(torch.rand(2, cin, 3, 3, generator=gen) < 0.5, 127, -128).to(torch.int8)
+        sw, zw = torch.ones(2), torch.full((2,), weight_zero_point, dtype=torch.int32)
+        args = (s, z, 0, 255, w, sw, zw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        assert torch.equal(qatx.convolution_int8(q, *args), ref_conv(q, *args))
+
+
 def ref_dynamic(x, w, sw, zw, bias, per_row):
     k = w.shape[1]
     x2 = x.reshape(-1, k)

@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 
 #include "qatx/kernels/quant_math.h"
@@ -62,7 +64,10 @@ int16_t centered(int32_t w, int32_t z, PackedB& b) {
 }
 }  // namespace
 
-PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
+namespace {
+// pack() for int8 or int16 rows; zero_points may be null (none).
+template <typename T>
+PackedB pack_rows(const T* rows, int64_t n, int64_t k, const int32_t* zero_points) {
   PackedB b = zeroed(n, k);
   const int64_t pairs = b.kp / 2;
   bool fits_int8 = true;
@@ -70,13 +75,48 @@ PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_point
     int16_t* panel = b.panels.data() + (c / kPanel) * pairs * kPanel * 2;
     const int64_t j = c % kPanel;
     for (int64_t kk = 0; kk < k; ++kk) {
-      const int16_t v = centered(rows[c * k + kk], zero_points[c], b);
+      const int16_t v = centered(rows[c * k + kk], zero_points ? zero_points[c] : 0, b);
       fits_int8 = fits_int8 && v >= -128 && v <= 127;
       panel[((kk / 2) * kPanel + j) * 2 + (kk & 1)] = v;
     }
   }
   if (fits_int8) b.panels8.assign(b.panels.begin(), b.panels.end());
   return b;
+}
+}  // namespace
+
+PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_points) {
+  return pack_rows(rows, n, k, zero_points);
+}
+
+PackedWinograd pack_winograd(const int8_t* rows, int64_t n, int64_t cp, const int32_t* zero_points) {
+  static constexpr int32_t kG2[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};  // 2G
+  PackedWinograd w;
+  std::vector<int16_t> v(static_cast<size_t>(16 * n * cp));
+  for (int64_t o = 0; o < n; ++o) {
+    for (int64_t c = 0; c < cp; ++c) {
+      int32_t g[3][3];
+      for (int t = 0; t < 9; ++t) {
+        g[t / 3][t % 3] = rows[(o * 9 + t) * cp + c] - zero_points[o];
+        w.weight_max_abs = std::max(w.weight_max_abs, std::abs(g[t / 3][t % 3]));
+      }
+      for (int xi = 0; xi < 4; ++xi) {
+        for (int nu = 0; nu < 4; ++nu) {
+          int32_t sum = 0;
+          for (int a = 0; a < 3; ++a) {
+            for (int e = 0; e < 3; ++e) sum += kG2[xi][a] * g[a][e] * kG2[nu][e];
+          }
+          v[((xi * 4 + nu) * n + o) * cp + c] = static_cast<int16_t>(sum);
+        }
+      }
+    }
+  }
+  for (int pos = 0; pos < 16; ++pos) w.positions.push_back(pack_rows(v.data() + pos * n * cp, n, cp, nullptr));
+  return w;
+}
+
+bool winograd_exact(const PackedWinograd& b, int32_t max_abs_input) {
+  return 36.0 * static_cast<double>(b.positions.front().k) * max_abs_input * b.weight_max_abs <= 2147483647.0;
 }
 
 // Depthwise layout: per block of 16 channels and pair of taps (t0, t1), 32 int16 in the order of
@@ -335,6 +375,145 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
 #else
   (void)m, (void)b, (void)locate, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::depthwise needs an x86-64 CPU with AVX2");
+#endif
+}
+
+#if QATX_INT16_GEMM
+namespace {
+// U = B^T d B for 16 channels (d: the patch's 4x4 pixels) or, in the scalar tail, one: with
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], rows first, then columns.
+template <typename V, typename Add, typename Sub>
+QATX_AVX2 inline void input_transform(const V (&d)[4][4], V (&u)[4][4], Add add, Sub sub) {
+  V r[4][4];
+  for (int i = 0; i < 4; ++i) {
+    r[i][0] = sub(d[i][0], d[i][2]), r[i][1] = add(d[i][1], d[i][2]);
+    r[i][2] = sub(d[i][2], d[i][1]), r[i][3] = sub(d[i][1], d[i][3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    u[0][j] = sub(r[0][j], r[2][j]), u[1][j] = add(r[1][j], r[2][j]);
+    u[2][j] = sub(r[2][j], r[1][j]), u[3][j] = sub(r[1][j], r[3][j]);
+  }
+}
+
+struct Add16 {
+  QATX_AVX2 __m256i operator()(__m256i a, __m256i b) const { return _mm256_add_epi16(a, b); }
+};
+struct Sub16 {
+  QATX_AVX2 __m256i operator()(__m256i a, __m256i b) const { return _mm256_sub_epi16(a, b); }
+};
+
+// The patch's 16 transformed values of channels [0, cp), position p's at u + p * stride.
+QATX_AVX2 void transform_patch(const int16_t* const (&px)[4][4], int64_t cp, int16_t* u, int64_t stride) {
+  int64_t c = 0;
+  for (; c + 16 <= cp; c += 16) {
+    __m256i d[4][4], t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) d[i][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px[i][j] + c));
+    }
+    input_transform(d, t, Add16(), Sub16());
+    for (int p = 0; p < 16; ++p) _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + p * stride + c), t[p / 4][p % 4]);
+  }
+  for (; c < cp; ++c) {
+    int32_t d[4][4], t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) d[i][j] = px[i][j][c];
+    }
+    input_transform(d, t, std::plus<int32_t>(), std::minus<int32_t>());
+    for (int p = 0; p < 16; ++p) u[p * stride + c] = static_cast<int16_t>(t[p / 4][p % 4]);
+  }
+}
+
+// Y = A^T M A / 4 for row i of the 16 accumulator tiles (16 columns), A^T = [1 1 1 0; 0 1 -1 -1]:
+// the block's top outputs (left, right) as rows 0, 1 of top, its bottom ones of bottom. The
+// division is exact (Y is 4 y), an arithmetic shift.
+QATX_AVX2 void output_transform(const int32_t (*acc)[kTileRows * kPanel], int64_t i, int32_t* top, int32_t* bottom) {
+  for (int h = 0; h < kPanel; h += 8) {
+    __m256i m[4][4];
+    for (int p = 0; p < 16; ++p) {
+      m[p / 4][p % 4] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + i * kPanel + h));
+    }
+    __m256i t[2][4];
+    for (int nu = 0; nu < 4; ++nu) {
+      t[0][nu] = _mm256_add_epi32(_mm256_add_epi32(m[0][nu], m[1][nu]), m[2][nu]);
+      t[1][nu] = _mm256_sub_epi32(_mm256_sub_epi32(m[1][nu], m[2][nu]), m[3][nu]);
+    }
+    for (int r = 0; r < 2; ++r) {
+      const __m256i left = _mm256_add_epi32(_mm256_add_epi32(t[r][0], t[r][1]), t[r][2]);
+      const __m256i right = _mm256_sub_epi32(_mm256_sub_epi32(t[r][1], t[r][2]), t[r][3]);
+      int32_t* out = r == 0 ? top : bottom;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h), _mm256_srai_epi32(left, 2));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kPanel + h), _mm256_srai_epi32(right, 2));
+    }
+  }
+}
+}  // namespace
+#endif
+
+void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const PackedWinograd& b,
+              const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  const int64_t n = b.positions.front().n, cp = b.positions.front().kp, pairs = cp / 2;
+  const int64_t out_h = in_h - 2, out_w = in_w - 2, blocks_h = (out_h + 1) / 2, blocks_w = (out_w + 1) / 2;
+  const int64_t blocks = batch * blocks_h * blocks_w, panels = (n + kPanel - 1) / kPanel;
+  if (blocks <= 0 || n == 0) return;
+  // Work items: chunks of blocks whose 16 transformed patches stay in L2 while every panel of
+  // every position meets them (in 6-block tiles).
+  const int64_t threads = blocks * 16 * cp * n < kMinParallelWork ? 1 : at::get_num_threads();
+  const int64_t fits_l2 = kL2Bytes / 2 / (16 * cp * static_cast<int64_t>(sizeof(int16_t)));
+  const int64_t per_thread = (blocks + threads - 1) / threads;
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min<int64_t>({fits_l2, 8 * kTileRows, per_thread + kTileRows - 1}) / kTileRows) *
+      kTileRows;
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, threads == 1 ? chunks : 1, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> u(static_cast<size_t>(16 * chunk * cp));
+    const std::vector<int16_t> zeros(static_cast<size_t>(cp), 0);  // outside the image (odd output sizes)
+    std::vector<const int16_t*> starts(static_cast<size_t>(16 * chunk));
+    alignas(32) int32_t acc[16][kTileRows * kPanel];
+    alignas(32) int32_t out[2][2 * kTileRows * kPanel];  // the tile's top and bottom output pixels
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item * chunk, count = std::min(chunk, blocks - first);
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t blk = first + r, image = blk / (blocks_h * blocks_w), by = blk / blocks_w % blocks_h,
+                      bx = blk % blocks_w;
+        const int16_t* px[4][4];
+        for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 4; ++j) {
+            const int64_t py = 2 * by + i, pxx = 2 * bx + j;
+            px[i][j] = py < in_h && pxx < in_w ? x + ((image * in_h + py) * in_w + pxx) * cp : zeros.data();
+          }
+        }
+        transform_patch(px, cp, u.data() + r * cp, chunk * cp);
+      }
+      // A short chunk's last tile repeats its last block in the unused rows; only its rows are stored.
+      for (int64_t p = 0; p < 16; ++p) {
+        for (int64_t r = 0; r < chunk; ++r) starts[p * chunk + r] = u.data() + (p * chunk + std::min(r, count - 1)) * cp;
+      }
+      for (int64_t panel = 0; panel < panels; ++panel) {
+        const int64_t col = panel * kPanel, cols = std::min(kPanel, n - col), offset = panel * pairs * kPanel * 2;
+        for (int64_t t = 0; t < count; t += kTileRows) {
+          for (int64_t p = 0; p < 16; ++p) {
+            tile(starts.data() + p * chunk + t, 1, pairs, b.positions[p].panels.data() + offset, acc[p]);
+          }
+          // The tile's blocks in raster order: a run of them in one block row writes two output
+          // rows of adjacent pixels, each through one epilogue call.
+          const int64_t tile_blocks = std::min(kTileRows, count - t);
+          for (int64_t i = 0; i < tile_blocks; ++i) output_transform(acc, i, out[0] + 2 * i * kPanel, out[1] + 2 * i * kPanel);
+          for (int64_t i = 0; i < tile_blocks;) {
+            const int64_t blk = first + t + i, block_row = blk / blocks_w, oy = block_row % blocks_h * 2,
+                          ox = blk % blocks_w * 2, run = std::min(tile_blocks - i, blocks_w - ox / 2);
+            const int64_t width = std::min(2 * run, out_w - ox), row = (block_row / blocks_h * out_h + oy) * out_w + ox;
+            store_tile(out[0] + 2 * i * kPanel, width, col, cols, epilogue, y.at(row, col));
+            if (oy + 1 < out_h) store_tile(out[1] + 2 * i * kPanel, width, col, cols, epilogue, y.at(row + out_w, col));
+            i += run;
+          }
+        }
+      }
+    }
+  });
+#else
+  (void)batch, (void)x, (void)in_h, (void)in_w, (void)b, (void)epilogue, (void)y;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::winograd needs an x86-64 CPU with AVX2");
 #endif
 }
 

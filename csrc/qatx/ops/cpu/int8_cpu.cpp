@@ -57,9 +57,11 @@ std::shared_ptr<PackedWeight> pack_weight(const at::Tensor& rows, const at::Tens
 // on every insertion.
 class PackedWeightCache {
  public:
-  // kind: 0 linear, D for a D-d convolution, 3 + D for a depthwise one; make() packs on a miss.
-  std::shared_ptr<PackedWeight> get(const at::Tensor& weight, const at::Tensor& zero_point, int64_t groups, int kind,
-                                    const std::function<std::shared_ptr<PackedWeight>()>& make) {
+  // kind: 0 linear, D for a D-d convolution, 3 + D for a depthwise one (all PackedWeight), 7 for
+  // a Winograd 3x3 one (PackedWinograd); make() packs on a miss.
+  template <typename T>
+  std::shared_ptr<const T> get(const at::Tensor& weight, const at::Tensor& zero_point, int64_t groups, int kind,
+                               const std::function<std::shared_ptr<T>()>& make) {
     c10::StorageImpl* storage = weight.storage().unsafeGetStorageImpl();
     const int64_t version = weight._version();
     {
@@ -69,11 +71,11 @@ class PackedWeightCache {
             e.offset == weight.storage_offset() && e.sizes == weight.sizes().vec() &&
             e.strides == weight.strides().vec() && e.groups == groups && e.kind == kind &&
             e.zero_point_version == zero_point._version() && e.zero_point_data == zero_point.const_data_ptr()) {
-          return e.packed;
+          return std::static_pointer_cast<const T>(e.packed);
         }
       }
     }
-    auto packed = make();  // outside the lock: packing can be slow
+    std::shared_ptr<const T> packed = make();  // outside the lock: packing can be slow
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.remove_if([](const Entry& e) { return e.storage.expired(); });
     entries_.push_back(Entry{c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()),
@@ -93,7 +95,7 @@ class PackedWeightCache {
     int kind;
     int64_t zero_point_version;
     const void* zero_point_data;
-    std::shared_ptr<PackedWeight> packed;
+    std::shared_ptr<const void> packed;
   };
   std::mutex mutex_;
   std::list<Entry> entries_;
@@ -215,7 +217,7 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
                         const std::optional<at::Tensor>& bias, bool relu,
                         const std::optional<int8::OutputQParams>& out_q, const char* op) {
   const int64_t n = weight.size(0), k = weight.size(1);
-  const auto packed = cache().get(weight, weight_zero_point, 1, /*kind=*/0,
+  const auto packed = cache().get<PackedWeight>(weight, weight_zero_point, 1, /*kind=*/0,
                                   [&] { return pack_weight(weight.contiguous(), weight_zero_point, 1); });
   if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
   const int16_gemm::PackedB& b = packed->front();
@@ -251,6 +253,11 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
 // spatial dimension, the taps of one kernel row are adjacent pixels: they form one run (fewer,
 // longer runs; a 3-channel stem's run is 12 elements instead of 4).
 
+// Input channels from which a 3x3 convolution of stride 1 takes the Winograd route: with fewer,
+// each of its 16 GEMMs is too short to pay for the transforms (a 3-channel stem runs faster on
+// the implicit GEMM, whose kernel-row runs hold 12 elements).
+constexpr int64_t kWinogradMinChannels = 8;
+
 // [0, 2, ..., spatial + 1, 1]: a [N, C, *spatial] tensor (or weight [OC, C/G, *k]) channels last.
 std::vector<int64_t> channels_last_order(int64_t spatial) {
   std::vector<int64_t> order = {0};
@@ -272,19 +279,40 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   // elementwise over 16 channels at a time; its buffer has no padding channel.
   const bool depthwise = groups > 1 && cg == 1 && og == 1;
   const int64_t cgp = depthwise ? 1 : cg + (cg & 1), c_stride = groups * cgp;
-  const auto packed = cache().get(weight, weight_zero_point, groups, depthwise ? 3 + D : D, [&] {
-    if (depthwise) {
-      const at::Tensor w = weight.reshape({c_out, taps}).contiguous();
+  // [OC, C/G, *k] -> [OC, *k, C/G] (each output channel's window in tap-major order), padded.
+  auto tap_major = [&]() -> at::Tensor {
+    return at::constant_pad_nd(weight.permute(channels_last_order(D)).contiguous().reshape({c_out, taps, cg}),
+                               {0, cgp - cg})
+        .reshape({c_out, taps * cgp});
+  };
+  // 3x3, stride 1, one group, enough channels: Winograd's F(2x2, 3x3) (int16_gemm.h), when exact.
+  std::shared_ptr<const int16_gemm::PackedWinograd> winograd;
+  if (D == 2 && groups == 1 && cg >= kWinogradMinChannels && weight.size(2) == 3 && weight.size(3) == 3 &&
+      geo.stride[0] == 1 && geo.stride[1] == 1 && geo.dilation[0] == 1 && geo.dilation[1] == 1) {
+    winograd = cache().get<int16_gemm::PackedWinograd>(weight, weight_zero_point, 1, /*kind=*/7, [&] {
       const at::Tensor z = weight_zero_point.to(at::kInt).reshape({-1}).expand({c_out}).contiguous();
-      return std::make_shared<PackedWeight>(PackedWeight{
-          int16_gemm::pack_depthwise(w.const_data_ptr<int8_t>(), c_out, taps, z.const_data_ptr<int32_t>())});
+      const at::Tensor rows = tap_major();
+      return std::make_shared<int16_gemm::PackedWinograd>(
+          int16_gemm::pack_winograd(rows.const_data_ptr<int8_t>(), c_out, cgp, z.const_data_ptr<int32_t>()));
+    });
+    if (!int16_gemm::winograd_exact(*winograd, std::max<int32_t>(static_cast<int32_t>(quant_max) - z_in,
+                                                                 z_in - static_cast<int32_t>(quant_min)))) {
+      winograd.reset();
     }
-    // [OC, C/G, *k] -> [OC, *k, C/G] (each output channel's window in tap-major order), padded.
-    const at::Tensor rows = weight.permute(channels_last_order(D)).contiguous().reshape({c_out, taps, cg});
-    return pack_weight(at::constant_pad_nd(rows, {0, cgp - cg}).reshape({c_out, taps * cgp}), weight_zero_point,
-                       groups);
-  });
-  if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
+  }
+  std::shared_ptr<const PackedWeight> packed;
+  if (!winograd) {
+    packed = cache().get<PackedWeight>(weight, weight_zero_point, groups, depthwise ? 3 + D : D, [&] {
+      if (depthwise) {
+        const at::Tensor w = weight.reshape({c_out, taps}).contiguous();
+        const at::Tensor z = weight_zero_point.to(at::kInt).reshape({-1}).expand({c_out}).contiguous();
+        return std::make_shared<PackedWeight>(PackedWeight{
+            int16_gemm::pack_depthwise(w.const_data_ptr<int8_t>(), c_out, taps, z.const_data_ptr<int32_t>())});
+      }
+      return pack_weight(tap_major(), weight_zero_point, groups);
+    });
+    if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
+  }
   // Geometry as 3-d (leading unit dimensions); `padded`: the input with its padding.
   std::array<int64_t, 3> in{1, 1, 1}, out_dim{1, 1, 1}, kernel{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0},
       dilation{1, 1, 1}, padded{1, 1, 1};
@@ -347,6 +375,11 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   });
   check_no_nan(ok, op);
 
+  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
+  if (winograd) {
+    int16_gemm::winograd(batch, xq, padded[1], padded[2], *winograd, e.at(0, relu), gemm_output(out, c_out, out_q));
+    return out;
+  }
   // Runs per row: one per kernel tap, or one per kernel row when its taps are adjacent pixels.
   const bool merge_row = groups == 1 && (dilation[2] == 1 || kernel[2] == 1);
   const int64_t segments = merge_row ? kernel[0] * kernel[1] : taps;
@@ -373,7 +406,6 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       for (int64_t t = 0; t < segments; ++t) starts[t] = base + off[t];
     };
   };
-  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
   if (depthwise) {  // all channels at once: each pixel's run starts at channel 0
     int16_gemm::depthwise(rows, packed->front(), locate_in_group(0), e.at(0, relu), gemm_output(out, c_out, out_q));
     return out;
