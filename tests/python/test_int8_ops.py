@@ -255,13 +255,13 @@ def test_convolution_int8_saturation_and_padding_residual(zero_point):
 
 
 WINOGRAD_CASES = [
-    # (batch, c_in, c_out, height, width, padding): 3x3, stride 1, one group, >= 8 input channels
-    (2, 8, 16, 7, 7, 1),     # odd output: the last 2x2 blocks hang over the edge
-    (1, 9, 5, 4, 6, 1),      # odd C (a padded channel), fewer outputs than a panel
+    # (batch, c_in, c_out, height, width, padding): 3x3, stride 1, one group, >= 16 input channels
+    (2, 16, 16, 7, 7, 1),     # odd output: the last 2x2 blocks hang over the edge
+    (1, 17, 5, 4, 6, 1),     # odd C (a padded channel), fewer outputs than a panel
     (3, 33, 40, 9, 8, 0),    # no padding; C and N not multiples of 16
     (2, 16, 16, 5, 6, 2),    # padding wider than the patch overlap
-    (1, 10, 16, 1, 1, 1),    # one output pixel
-    (1, 8, 8, 3, 5, 0),      # one output row
+    (1, 20, 16, 1, 1, 1),    # one output pixel
+    (1, 16, 8, 3, 5, 0),     # one output row
     (8, 64, 48, 12, 12, 1),  # 576 blocks: several chunks on every thread
 ]
 
@@ -269,7 +269,7 @@ WINOGRAD_CASES = [
 @pytest.mark.parametrize("case", range(len(WINOGRAD_CASES)))
 @pytest.mark.parametrize("input_kind", ["float", "uint8", "int8"])
 def test_convolution_int8_winograd_shapes_are_exact(case, input_kind):
-    """3x3 stride-1 convolutions with 8 or more input channels take the CPU's Winograd F(2x2, 3x3)
+    """3x3 stride-1 convolutions with 16 or more input channels take the CPU's Winograd F(2x2, 3x3)
     route: the same bits as the exact integer reference at every edge case of its 2x2 blocks, for
     float and integer inputs and a quantized output."""
     b, cin, cout, h, w_, pad = WINOGRAD_CASES[case]

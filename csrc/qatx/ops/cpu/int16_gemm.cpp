@@ -20,6 +20,12 @@
 #define QATX_AVX2 __attribute__((target("avx2")))
 #else
 #define QATX_INT16_GEMM 0
+#define QATX_AVX2
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define QATX_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define QATX_ALWAYS_INLINE
 #endif
 
 namespace qatx {
@@ -89,29 +95,64 @@ PackedB pack(const int8_t* rows, int64_t n, int64_t k, const int32_t* zero_point
   return pack_rows(rows, n, k, zero_points);
 }
 
+namespace {
+// F(2, 3) along one dimension (a 2-D transform applies it to the rows, then the columns): two
+// outputs of a 3-tap correlation from a patch of 4 inputs d through 4 products m_p = t_p * v_p,
+// with G's halves doubled so that all are integers and the outputs come out doubled:
+// t = (d0 - d2, d1 + d2, d2 - d1, d1 - d3), v = (2 g0, g0 + g1 + g2, g0 - g1 + g2, 2 g2),
+// 2 y = (m0 + m1 + m2, m1 - m2 - m3). In 2-D: 16 products per 2x2 block and Y = 4 y.
+struct F23 {
+  static constexpr int kPatch = 4, kPositions = 4, kShift = 2;
+  template <typename V, typename Ops>
+  QATX_ALWAYS_INLINE QATX_AVX2 static void input(const V* d, V* t, Ops o) {
+    t[0] = o.sub(d[0], d[2]), t[1] = o.add(d[1], d[2]), t[2] = o.sub(d[2], d[1]), t[3] = o.sub(d[1], d[3]);
+  }
+  static void weight(const int32_t* g, int32_t* v) {
+    v[0] = 2 * g[0], v[1] = g[0] + g[1] + g[2], v[2] = g[0] - g[1] + g[2], v[3] = 2 * g[2];
+  }
+  template <typename V, typename Ops>
+  QATX_ALWAYS_INLINE QATX_AVX2 static void output(const V* m, V* y, Ops o) {
+    y[0] = o.add(o.add(m[0], m[1]), m[2]), y[1] = o.sub(o.sub(m[1], m[2]), m[3]);
+  }
+};
+
+struct ScalarOps {
+  int32_t add(int32_t a, int32_t b) const { return a + b; }
+  int32_t sub(int32_t a, int32_t b) const { return a - b; }
+};
+
+// A 2-D transform: f along each row of in (rows x kIn), then along each column of the result.
+// Always inlined, so that on vectors it compiles with its AVX2 caller's instructions.
+template <int kRows, int kIn, int kOut, typename V, typename F>
+QATX_ALWAYS_INLINE inline void transform_2d(const V (&in)[kRows][kIn], V (&out)[kOut][kOut], F f) {
+  V r[kRows][kOut];
+  for (int i = 0; i < kRows; ++i) f(in[i], r[i]);
+  for (int j = 0; j < kOut; ++j) {
+    V col[kRows], t[kOut];
+    for (int i = 0; i < kRows; ++i) col[i] = r[i][j];
+    f(col, t);
+    for (int i = 0; i < kOut; ++i) out[i][j] = t[i];
+  }
+}
+
+}  // namespace
+
 PackedWinograd pack_winograd(const int8_t* rows, int64_t n, int64_t cp, const int32_t* zero_points) {
-  static constexpr int32_t kG2[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};  // 2G
+  constexpr int P = F23::kPositions;
   PackedWinograd w;
-  std::vector<int16_t> v(static_cast<size_t>(16 * n * cp));
+  std::vector<int16_t> v(static_cast<size_t>(P * P * n * cp));
   for (int64_t o = 0; o < n; ++o) {
     for (int64_t c = 0; c < cp; ++c) {
-      int32_t g[3][3];
-      for (int t = 0; t < 9; ++t) {
-        g[t / 3][t % 3] = rows[(o * 9 + t) * cp + c] - zero_points[o];
-        w.weight_max_abs = std::max(w.weight_max_abs, std::abs(g[t / 3][t % 3]));
+      int32_t g[3][3], t[P][P];
+      for (int k = 0; k < 9; ++k) {
+        g[k / 3][k % 3] = rows[(o * 9 + k) * cp + c] - zero_points[o];
+        w.weight_max_abs = std::max(w.weight_max_abs, std::abs(g[k / 3][k % 3]));
       }
-      for (int xi = 0; xi < 4; ++xi) {
-        for (int nu = 0; nu < 4; ++nu) {
-          int32_t sum = 0;
-          for (int a = 0; a < 3; ++a) {
-            for (int e = 0; e < 3; ++e) sum += kG2[xi][a] * g[a][e] * kG2[nu][e];
-          }
-          v[((xi * 4 + nu) * n + o) * cp + c] = static_cast<int16_t>(sum);
-        }
-      }
+      transform_2d(g, t, [](const int32_t* in, int32_t* out) { F23::weight(in, out); });
+      for (int p = 0; p < P * P; ++p) v[(p * n + o) * cp + c] = static_cast<int16_t>(t[p / P][p % P]);
     }
   }
-  for (int pos = 0; pos < 16; ++pos) w.positions.push_back(pack_rows(v.data() + pos * n * cp, n, cp, nullptr));
+  for (int p = 0; p < P * P; ++p) w.positions.push_back(pack_rows(v.data() + p * n * cp, n, cp, nullptr));
   return w;
 }
 
@@ -380,125 +421,116 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
 
 #if QATX_INT16_GEMM
 namespace {
-// U = B^T d B for 16 channels (d: the patch's 4x4 pixels) or, in the scalar tail, one: with
-// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], rows first, then columns.
-template <typename V, typename Add, typename Sub>
-QATX_AVX2 inline void input_transform(const V (&d)[4][4], V (&u)[4][4], Add add, Sub sub) {
-  V r[4][4];
-  for (int i = 0; i < 4; ++i) {
-    r[i][0] = sub(d[i][0], d[i][2]), r[i][1] = add(d[i][1], d[i][2]);
-    r[i][2] = sub(d[i][2], d[i][1]), r[i][3] = sub(d[i][1], d[i][3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    u[0][j] = sub(r[0][j], r[2][j]), u[1][j] = add(r[1][j], r[2][j]);
-    u[2][j] = sub(r[2][j], r[1][j]), u[3][j] = sub(r[1][j], r[3][j]);
-  }
-}
-
-struct Add16 {
-  QATX_AVX2 __m256i operator()(__m256i a, __m256i b) const { return _mm256_add_epi16(a, b); }
+struct Ops16 {  // inlined into their AVX2 callers
+  QATX_AVX2 __m256i add(__m256i a, __m256i b) const { return _mm256_add_epi16(a, b); }
+  QATX_AVX2 __m256i sub(__m256i a, __m256i b) const { return _mm256_sub_epi16(a, b); }
 };
-struct Sub16 {
-  QATX_AVX2 __m256i operator()(__m256i a, __m256i b) const { return _mm256_sub_epi16(a, b); }
+struct Ops32 {
+  QATX_AVX2 __m256i add(__m256i a, __m256i b) const { return _mm256_add_epi32(a, b); }
+  QATX_AVX2 __m256i sub(__m256i a, __m256i b) const { return _mm256_sub_epi32(a, b); }
 };
 
-// The patch's 16 transformed values of channels [0, cp), position p's at u + p * stride.
-QATX_AVX2 void transform_patch(const int16_t* const (&px)[4][4], int64_t cp, int16_t* u, int64_t stride) {
+// The patch's transformed values of channels [0, cp), position p's at u + p * stride (16 channels
+// at a time, then one at a time).
+QATX_AVX2 void transform_patch(const int16_t* const (&px)[F23::kPatch][F23::kPatch], int64_t cp, int16_t* u,
+                               int64_t stride) {
+  constexpr int N = F23::kPatch, P = F23::kPositions;
   int64_t c = 0;
   for (; c + 16 <= cp; c += 16) {
-    __m256i d[4][4], t[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) d[i][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px[i][j] + c));
+    __m256i d[N][N], t[P][P];
+    for (int i = 0; i < N; ++i) {
+      for (int j = 0; j < N; ++j) d[i][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px[i][j] + c));
     }
-    input_transform(d, t, Add16(), Sub16());
-    for (int p = 0; p < 16; ++p) _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + p * stride + c), t[p / 4][p % 4]);
+    transform_2d(d, t, [](const __m256i* in, __m256i* out) QATX_AVX2 { F23::input(in, out, Ops16()); });
+    for (int p = 0; p < P * P; ++p) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + p * stride + c), t[p / P][p % P]);
+    }
   }
   for (; c < cp; ++c) {
-    int32_t d[4][4], t[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) d[i][j] = px[i][j][c];
+    int32_t d[N][N], t[P][P];
+    for (int i = 0; i < N; ++i) {
+      for (int j = 0; j < N; ++j) d[i][j] = px[i][j][c];
     }
-    input_transform(d, t, std::plus<int32_t>(), std::minus<int32_t>());
-    for (int p = 0; p < 16; ++p) u[p * stride + c] = static_cast<int16_t>(t[p / 4][p % 4]);
+    transform_2d(d, t, [](const int32_t* in, int32_t* out) QATX_AVX2 { F23::input(in, out, ScalarOps()); });
+    for (int p = 0; p < P * P; ++p) u[p * stride + c] = static_cast<int16_t>(t[p / P][p % P]);
   }
 }
 
-// Y = A^T M A / 4 for row i of the 16 accumulator tiles (16 columns), A^T = [1 1 1 0; 0 1 -1 -1]:
-// the block's top outputs (left, right) as rows 0, 1 of top, its bottom ones of bottom. The
-// division is exact (Y is 4 y), an arithmetic shift.
+// The block's 2x2 outputs from row i of the accumulator tiles (16 columns): top (left, right) as
+// rows 0, 1 of top, bottom likewise; divided by 4 (exact: the result is 4 y) as a shift.
 QATX_AVX2 void output_transform(const int32_t (*acc)[kTileRows * kPanel], int64_t i, int32_t* top, int32_t* bottom) {
+  constexpr int P = F23::kPositions;
   for (int h = 0; h < kPanel; h += 8) {
-    __m256i m[4][4];
-    for (int p = 0; p < 16; ++p) {
-      m[p / 4][p % 4] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + i * kPanel + h));
+    __m256i m[P][P], y[2][2];
+    for (int p = 0; p < P * P; ++p) {
+      m[p / P][p % P] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[p] + i * kPanel + h));
     }
-    __m256i t[2][4];
-    for (int nu = 0; nu < 4; ++nu) {
-      t[0][nu] = _mm256_add_epi32(_mm256_add_epi32(m[0][nu], m[1][nu]), m[2][nu]);
-      t[1][nu] = _mm256_sub_epi32(_mm256_sub_epi32(m[1][nu], m[2][nu]), m[3][nu]);
-    }
+    transform_2d(m, y, [](const __m256i* in, __m256i* out) QATX_AVX2 { F23::output(in, out, Ops32()); });
     for (int r = 0; r < 2; ++r) {
-      const __m256i left = _mm256_add_epi32(_mm256_add_epi32(t[r][0], t[r][1]), t[r][2]);
-      const __m256i right = _mm256_sub_epi32(_mm256_sub_epi32(t[r][1], t[r][2]), t[r][3]);
       int32_t* out = r == 0 ? top : bottom;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h), _mm256_srai_epi32(left, 2));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kPanel + h), _mm256_srai_epi32(right, 2));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h), _mm256_srai_epi32(y[r][0], F23::kShift));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kPanel + h), _mm256_srai_epi32(y[r][1], F23::kShift));
     }
   }
 }
+
 }  // namespace
 #endif
 
 void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const PackedWinograd& b,
               const Epilogue& epilogue, const Output& y) {
 #if QATX_INT16_GEMM
+  constexpr int N = F23::kPatch, P = F23::kPositions * F23::kPositions;
+  const int64_t out_h = in_h - 2, out_w = in_w - 2;
+  if (batch == 0 || out_h <= 0 || out_w <= 0 || b.positions.front().n == 0) return;
   const int64_t n = b.positions.front().n, cp = b.positions.front().kp, pairs = cp / 2;
-  const int64_t out_h = in_h - 2, out_w = in_w - 2, blocks_h = (out_h + 1) / 2, blocks_w = (out_w + 1) / 2;
+  const int64_t blocks_h = (out_h + 1) / 2, blocks_w = (out_w + 1) / 2;
   const int64_t blocks = batch * blocks_h * blocks_w, panels = (n + kPanel - 1) / kPanel;
-  if (blocks <= 0 || n == 0) return;
-  // Work items: chunks of blocks whose 16 transformed patches stay in L2 while every panel of
-  // every position meets them (in 6-block tiles).
-  const int64_t threads = blocks * 16 * cp * n < kMinParallelWork ? 1 : at::get_num_threads();
-  const int64_t fits_l2 = kL2Bytes / 2 / (16 * cp * static_cast<int64_t>(sizeof(int16_t)));
+  // Work items: chunks of blocks whose transformed patches stay in L2 while every panel of every
+  // position meets them (in 6-block tiles).
+  const int64_t threads = blocks * P * cp * n < kMinParallelWork ? 1 : at::get_num_threads();
+  const int64_t fits_l2 = kL2Bytes / 2 / (P * cp * static_cast<int64_t>(sizeof(int16_t)));
   const int64_t per_thread = (blocks + threads - 1) / threads;
   const int64_t chunk =
       std::max<int64_t>(1, std::min<int64_t>({fits_l2, 8 * kTileRows, per_thread + kTileRows - 1}) / kTileRows) *
       kTileRows;
   const int64_t chunks = (blocks + chunk - 1) / chunk;
   at::parallel_for(0, chunks, threads == 1 ? chunks : 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> u(static_cast<size_t>(16 * chunk * cp));
-    const std::vector<int16_t> zeros(static_cast<size_t>(cp), 0);  // outside the image (odd output sizes)
-    std::vector<const int16_t*> starts(static_cast<size_t>(16 * chunk));
-    alignas(32) int32_t acc[16][kTileRows * kPanel];
+    std::vector<int16_t> u(static_cast<size_t>(P * chunk * cp));
+    const std::vector<int16_t> zeros(static_cast<size_t>(cp), 0);  // past the edge (odd output sizes)
+    std::vector<const int16_t*> starts(static_cast<size_t>(P * chunk));
+    alignas(32) int32_t acc[P][kTileRows * kPanel];
     alignas(32) int32_t out[2][2 * kTileRows * kPanel];  // the tile's top and bottom output pixels
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = item * chunk, count = std::min(chunk, blocks - first);
       for (int64_t r = 0; r < count; ++r) {
-        const int64_t blk = first + r, image = blk / (blocks_h * blocks_w), by = blk / blocks_w % blocks_h,
-                      bx = blk % blocks_w;
-        const int16_t* px[4][4];
-        for (int i = 0; i < 4; ++i) {
-          for (int j = 0; j < 4; ++j) {
-            const int64_t py = 2 * by + i, pxx = 2 * bx + j;
+        const int64_t blk = first + r, image = blk / (blocks_h * blocks_w);
+        const int64_t py0 = blk / blocks_w % blocks_h * 2, px0 = blk % blocks_w * 2;
+        const int16_t* px[N][N];
+        for (int i = 0; i < N; ++i) {
+          for (int j = 0; j < N; ++j) {
+            const int64_t py = py0 + i, pxx = px0 + j;
             px[i][j] = py < in_h && pxx < in_w ? x + ((image * in_h + py) * in_w + pxx) * cp : zeros.data();
           }
         }
         transform_patch(px, cp, u.data() + r * cp, chunk * cp);
       }
       // A short chunk's last tile repeats its last block in the unused rows; only its rows are stored.
-      for (int64_t p = 0; p < 16; ++p) {
+      for (int64_t p = 0; p < P; ++p) {
         for (int64_t r = 0; r < chunk; ++r) starts[p * chunk + r] = u.data() + (p * chunk + std::min(r, count - 1)) * cp;
       }
       for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t col = panel * kPanel, cols = std::min(kPanel, n - col), offset = panel * pairs * kPanel * 2;
         for (int64_t t = 0; t < count; t += kTileRows) {
-          for (int64_t p = 0; p < 16; ++p) {
+          for (int64_t p = 0; p < P; ++p) {
             tile(starts.data() + p * chunk + t, 1, pairs, b.positions[p].panels.data() + offset, acc[p]);
           }
           // The tile's blocks in raster order: a run of them in one block row writes two output
           // rows of adjacent pixels, each through one epilogue call.
           const int64_t tile_blocks = std::min(kTileRows, count - t);
-          for (int64_t i = 0; i < tile_blocks; ++i) output_transform(acc, i, out[0] + 2 * i * kPanel, out[1] + 2 * i * kPanel);
+          for (int64_t i = 0; i < tile_blocks; ++i) {
+            output_transform(acc, i, out[0] + 2 * i * kPanel, out[1] + 2 * i * kPanel);
+          }
           for (int64_t i = 0; i < tile_blocks;) {
             const int64_t blk = first + t + i, block_row = blk / blocks_w, oy = block_row % blocks_h * 2,
                           ox = blk % blocks_w * 2, run = std::min(tile_blocks - i, blocks_w - ox / 2);

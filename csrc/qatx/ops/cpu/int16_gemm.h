@@ -72,24 +72,24 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
 PackedB pack_depthwise(const int8_t* weight, int64_t channels, int64_t taps, const int32_t* zero_points);
 void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, const Output& y);
 
-// Winograd's F(2x2, 3x3) for a 3x3 convolution of stride 1 and one group: each 2x2 block of
-// outputs comes from its 4x4 input patch d as Y = A^T [(2G g 2G^T) (.) (B^T d B)] A, 16 products
-// per channel pair instead of 36 (the 16 elementwise products are 16 GEMMs over the channels).
-// All in integers: B^T and A^T hold 0 and +-1, and 2G (G with its halves doubled) holds small
-// integers, so Y is exactly 4 y (y: the direct sum). |B^T d B| <= 4 max|a| and
-// |2G g 2G^T| <= 9 max|w| fit int16, and vpmaddwd's pair sums of their products are exact; every
-// other step is an int32 addition, exact modulo 2^32, so Y is exact whenever 4 y fits int32:
+// Winograd's F(2x2, 3x3) (Lavin & Gray) for a 3x3 convolution of stride 1, one group and no
+// dilation: each 2x2 block of outputs comes from its 4x4 input patch d as
+// Y = A^T [(G g G^T) (.) (B^T d B)] A, 16 products per channel pair instead of 36, the
+// elementwise products one GEMM over the channels per transform position. All in integers: B^T
+// and A^T hold 0 and +-1 and G's halves are doubled, so Y = 4 y; |B^T d B| <= 4 max|a| and
+// |G g G^T| <= 9 max|w| fit int16, and vpmaddwd's pair sums of their products are exact. Every
+// other step is an int32 addition, exact modulo 2^32, so Y is exact whenever it fits int32:
 // whenever 36 * k * max|a| * weight_max_abs < 2^31 (k: input channels; winograd_exact).
 struct PackedWinograd {
-  std::vector<PackedB> positions;  // 16 B's, position (xi, nu) at 4 xi + nu: (2G g 2G^T)[xi, nu]
+  std::vector<PackedB> positions;  // 16 B's, position (xi, nu) at 4 xi + nu: (G g G^T)[xi, nu]
   int32_t weight_max_abs = 0;      // largest |w - z| of the untransformed weights
 };
 // rows: n x 9 x cp int8 (taps row-major, each tap's cp channels; cp even).
 PackedWinograd pack_winograd(const int8_t* rows, int64_t n, int64_t cp, const int32_t* zero_points);
 bool winograd_exact(const PackedWinograd& b, int32_t max_abs_input);
 // x: `batch` images of in_h x in_w pixels of b's cp centered int16 channels, channels last, the
-// convolution's zero padding included; y: the (in_h - 2) x (in_w - 2) output pixels of each image
-// as rows of b.n channels, through the epilogue.
+// convolution's zero padding included; y: the (in_h - 2) x (in_w - 2) output pixels of each
+// image as rows of b.n channels, through the epilogue.
 void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const PackedWinograd& b,
               const Epilogue& epilogue, const Output& y);
 
