@@ -654,6 +654,15 @@ def test_add_int8_integer_operands_and_output(device, relu, layouts):
         out = qatx.add_int8(a, *gx, b, *gy, relu, *go)
         assert out.dtype == torch.uint8 and torch.equal(out, expected)
         assert out.stride() == ref.stride()
+    # uint8 operands and output (the chained residual add's one-pass route), codes outside
+    # the operands' ranges clamped
+    gu = (torch.tensor([0.03]).to(device), torch.tensor([7], dtype=torch.int32).to(device), 0, 250)
+    qu = torch.randint(0, 256, y.shape, generator=gen, dtype=torch.uint8).to(device)
+    qu = qu.contiguous(memory_format=torch.channels_last) if layouts == "channels_last" else qu
+    u_real = (qu.clamp(0, 250).float() - 7) * gu[0]
+    out = qatx.add_int8(qx, *gx, qu, *gu, relu, *go)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, _codes(qatx.add_int8(x, *gx, u_real, *gu, relu), go[0], go[1], go[2:]))
     signed = qatx.add_int8(x, *gx, y, *gy, relu, go[0], go[1], -100, 100)
     assert signed.dtype == torch.int8 and torch.equal(signed, _codes(ref, go[0], go[1], (-100, 100)))
     if device == "cpu":

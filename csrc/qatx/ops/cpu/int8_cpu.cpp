@@ -433,6 +433,23 @@ QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, 
   for (int64_t i = begin; i < end; ++i) out[i] = math::add_int8_value(x[i], gx, y[i], gy, relu);
 }
 
+// uint8 operands and output (a chained residual add): the same float32 operations as the block
+// path below, in one pass. Integer operands have finite values, so no sum is NaN.
+QATX_CPU_CLONES void add_uint8_range(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t begin, int64_t end,
+                                     math::TensorGrid gx, math::TensorGrid gy, math::TensorGrid go, bool relu) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float a = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), gx.quant_min,
+                                                                       gx.quant_max),
+                                           gx.scale, gx.zero_point);
+    const float b = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(y[i]), gy.quant_min,
+                                                                       gy.quant_max),
+                                           gy.scale, gy.zero_point);
+    const float sum = a + b;
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>(math::quantize_value(
+        math::select(relu & (sum < 0.0f), 0.0f, sum), go.inv_scale, go.zero_point, go.quant_min, go.quant_max)));
+  }
+}
+
 // Any other combination of dtypes runs in blocks of kAddBlock elements through three simple
 // (vectorized) passes: each operand's real value, the sum, the store. One operand's value: a
 // float32 through its fake-quantize forward, an integer (already on the grid) clamped to the
@@ -594,6 +611,15 @@ struct Int8CpuBackend {
     const math::TensorGrid go =
         out_q.has_value() ? tensor_grid(out_q->scale, out_q->zero_point, out_q->quant_min, out_q->quant_max)
                           : math::TensorGrid{1.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+    if (x.scalar_type() == at::kByte && y.scalar_type() == at::kByte && out.scalar_type() == at::kByte) {
+      const uint8_t* xp = x.const_data_ptr<uint8_t>();
+      const uint8_t* yp = y.const_data_ptr<uint8_t>();
+      uint8_t* op = out.mutable_data_ptr<uint8_t>();
+      at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+        add_uint8_range(xp, yp, op, begin, end, gx, gy, go, relu);
+      });
+      return;
+    }
     std::atomic<bool> ok{true};
     at::parallel_for(0, out.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
       float a[kAddBlock], b[kAddBlock];
