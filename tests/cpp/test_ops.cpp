@@ -736,6 +736,33 @@ TEST_F(OpsTest, Int8LayersChainIntegerActivations) {
       "output_zero_point");
 }
 
+// 3x3 stride-1 convolutions with 16 or more input channels take the Winograd F(2x2, 3x3) route on
+// AVX2 CPUs; its bits equal the exact integer sum's epilogue (odd output sizes, zero points, bias).
+TEST_F(OpsTest, Int8ConvolutionWinogradRouteIsExact) {
+  const QRange in{0, 255};
+  const Tensor q = torch::randint(0, 256, {2, 20, 7, 9}, torch::kByte);
+  const Tensor s_in = random_scale({1}), z_in = random_zero_point({1}, in);
+  const Tensor w = torch::randint(-128, 128, {24, 20, 3, 3}, torch::kChar);
+  const Tensor sw = random_scale({24}), zw = torch::randint(-20, 20, {24}, torch::kInt);
+  const Tensor bias = torch::randint(-3000, 3000, {24}, torch::kInt);
+  const Tensor acc = torch::conv2d(q.to(torch::kDouble) - z_in.item<int32_t>(),
+                                   w.to(torch::kDouble) - zw.to(torch::kDouble).reshape({24, 1, 1, 1}), {}, 1, 1);
+  const Tensor expected = torch::relu(((acc + bias.to(torch::kDouble).reshape({1, 24, 1, 1})) *
+                                       (s_in.to(torch::kDouble) * sw.to(torch::kDouble)).reshape({1, 24, 1, 1}))
+                                          .to(torch::kFloat));
+  const Tensor y = qatx::ops::convolution_int8(q, s_in, z_in, in.qmin, in.qmax, w, sw, zw, bias, {1, 1}, {1, 1},
+                                               {1, 1}, false, {0, 0}, 1, true);
+  EXPECT_TRUE(torch::equal(y, expected));
+  // uint8 codes added in one pass: the bits of the float route on the values they encode.
+  const Tensor s_out = random_scale({1}), z_out = random_zero_point({1}, in);
+  const Tensor codes = qatx::ops::quantize_per_tensor_affine(y, s_out, z_out, 0, 255, torch::kByte);
+  const Tensor values = qatx::ops::dequantize_per_tensor_affine(codes, s_out, z_out);
+  const Tensor sum = qatx::ops::add_int8(codes, s_out, z_out, 0, 255, codes, s_out, z_out, 0, 255, true, s_in, z_in,
+                                         in.qmin, in.qmax);
+  const Tensor float_route = qatx::ops::add_int8(values, s_out, z_out, 0, 255, values, s_out, z_out, 0, 255, true);
+  EXPECT_TRUE(torch::equal(sum, qatx::ops::quantize_per_tensor_affine(float_route, s_in, z_in, 0, 255, torch::kByte)));
+}
+
 TEST_F(OpsTest, CpuOutputCacheReusesAFreedOutput) {
   const int64_t previous = qatx::ops::set_cpu_cache_limit(int64_t{16} << 20);
   qatx::ops::empty_cpu_cache();
