@@ -501,19 +501,31 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
     std::vector<const int16_t*> starts(static_cast<size_t>(P * chunk));
     alignas(32) int32_t acc[P][kTileRows * kPanel];
     alignas(32) int32_t out[2][2 * kTileRows * kPanel];  // the tile's top and bottom output pixels
+    struct BlockAt {
+      int64_t row, oy, ox;  // its top-left output pixel: row of y, position
+    };
+    std::vector<BlockAt> at(static_cast<size_t>(chunk));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = item * chunk, count = std::min(chunk, blocks - first);
+      // The chunk's blocks in raster order (stepped, not divided: divisions cost as much as a
+      // 32-channel patch transform).
+      int64_t image = first / (blocks_h * blocks_w), by = first / blocks_w % blocks_h, bx = first % blocks_w;
       for (int64_t r = 0; r < count; ++r) {
-        const int64_t blk = first + r, image = blk / (blocks_h * blocks_w);
-        const int64_t py0 = blk / blocks_w % blocks_h * 2, px0 = blk % blocks_w * 2;
+        const int64_t py0 = 2 * by, px0 = 2 * bx;
+        at[r] = {(image * out_h + py0) * out_w + px0, py0, px0};
+        const int16_t* patch = x + ((image * in_h + py0) * in_w + px0) * cp;
+        const bool inside = py0 + N <= in_h && px0 + N <= in_w;
         const int16_t* px[N][N];
         for (int i = 0; i < N; ++i) {
           for (int j = 0; j < N; ++j) {
-            const int64_t py = py0 + i, pxx = px0 + j;
-            px[i][j] = py < in_h && pxx < in_w ? x + ((image * in_h + py) * in_w + pxx) * cp : zeros.data();
+            px[i][j] = inside || (py0 + i < in_h && px0 + j < in_w) ? patch + (i * in_w + j) * cp : zeros.data();
           }
         }
         transform_patch(px, cp, u.data() + r * cp, chunk * cp);
+        if (++bx == blocks_w) {
+          bx = 0;
+          if (++by == blocks_h) by = 0, ++image;
+        }
       }
       // A short chunk's last tile repeats its last block in the unused rows; only its rows are stored.
       for (int64_t p = 0; p < P; ++p) {
@@ -532,11 +544,12 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
             output_transform(acc, i, out[0] + 2 * i * kPanel, out[1] + 2 * i * kPanel);
           }
           for (int64_t i = 0; i < tile_blocks;) {
-            const int64_t blk = first + t + i, block_row = blk / blocks_w, oy = block_row % blocks_h * 2,
-                          ox = blk % blocks_w * 2, run = std::min(tile_blocks - i, blocks_w - ox / 2);
-            const int64_t width = std::min(2 * run, out_w - ox), row = (block_row / blocks_h * out_h + oy) * out_w + ox;
-            store_tile(out[0] + 2 * i * kPanel, width, col, cols, epilogue, y.at(row, col));
-            if (oy + 1 < out_h) store_tile(out[1] + 2 * i * kPanel, width, col, cols, epilogue, y.at(row + out_w, col));
+            const BlockAt& blk = at[t + i];
+            const int64_t run = std::min(tile_blocks - i, blocks_w - blk.ox / 2), width = std::min(2 * run, out_w - blk.ox);
+            store_tile(out[0] + 2 * i * kPanel, width, col, cols, epilogue, y.at(blk.row, col));
+            if (blk.oy + 1 < out_h) {
+              store_tile(out[1] + 2 * i * kPanel, width, col, cols, epilogue, y.at(blk.row + out_w, col));
+            }
             i += run;
           }
         }
