@@ -73,6 +73,9 @@ def train(rank, world_size, steps, config, save_dir=None, fsdp=False):
         print(qatx.report(model))
     for m in sharded:
         m.reshard()
+    # No rank tears the process group down while another still has collectives in flight (a gloo
+    # rank that left early aborted its peer once, on a loaded 2-core machine).
+    dist.barrier()
     return model
 
 
