@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <type_traits>
 
 #include "qatx/kernels/quant_math.h"
@@ -501,10 +500,10 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
     std::vector<const int16_t*> starts(static_cast<size_t>(P * chunk));
     alignas(32) int32_t acc[P][kTileRows * kPanel];
     alignas(32) int32_t out[2][2 * kTileRows * kPanel];  // the tile's top and bottom output pixels
-    struct BlockAt {
-      int64_t row, oy, ox;  // its top-left output pixel: row of y, position
+    struct BlockOrigin {
+      int64_t row, oy, ox;  // a block's top-left output pixel: its row of y, its position
     };
-    std::vector<BlockAt> at(static_cast<size_t>(chunk));
+    std::vector<BlockOrigin> origins(static_cast<size_t>(chunk));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = item * chunk, count = std::min(chunk, blocks - first);
       // The chunk's blocks in raster order (stepped, not divided: divisions cost as much as a
@@ -512,7 +511,7 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
       int64_t image = first / (blocks_h * blocks_w), by = first / blocks_w % blocks_h, bx = first % blocks_w;
       for (int64_t r = 0; r < count; ++r) {
         const int64_t py0 = 2 * by, px0 = 2 * bx;
-        at[r] = {(image * out_h + py0) * out_w + px0, py0, px0};
+        origins[r] = {(image * out_h + py0) * out_w + px0, py0, px0};
         const int16_t* patch = x + ((image * in_h + py0) * in_w + px0) * cp;
         const bool inside = py0 + N <= in_h && px0 + N <= in_w;
         const int16_t* px[N][N];
@@ -544,7 +543,7 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
             output_transform(acc, i, out[0] + 2 * i * kPanel, out[1] + 2 * i * kPanel);
           }
           for (int64_t i = 0; i < tile_blocks;) {
-            const BlockAt& blk = at[t + i];
+            const BlockOrigin& blk = origins[t + i];
             const int64_t run = std::min(tile_blocks - i, blocks_w - blk.ox / 2), width = std::min(2 * run, out_w - blk.ox);
             store_tile(out[0] + 2 * i * kPanel, width, col, cols, epilogue, y.at(blk.row, col));
             if (blk.oy + 1 < out_h) {
