@@ -427,6 +427,13 @@ math::TensorGrid tensor_grid(const at::Tensor& scale, const at::Tensor& zero_poi
           static_cast<float>(quant_max)};
 }
 
+// An integer operand's value: its code clamped to the range, dequantized.
+template <typename Int>
+inline float code_value(Int q, const math::TensorGrid& g) {
+  return math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(q), g.quant_min, g.quant_max), g.scale,
+                                g.zero_point);
+}
+
 // Float inputs and output: quant_math.h's add_int8_value, elementwise.
 QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, int64_t begin, int64_t end,
                                     math::TensorGrid gx, math::TensorGrid gy, bool relu) {
@@ -438,13 +445,7 @@ QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, 
 QATX_CPU_CLONES void add_uint8_range(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t begin, int64_t end,
                                      math::TensorGrid gx, math::TensorGrid gy, math::TensorGrid go, bool relu) {
   for (int64_t i = begin; i < end; ++i) {
-    const float a = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), gx.quant_min,
-                                                                       gx.quant_max),
-                                           gx.scale, gx.zero_point);
-    const float b = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(y[i]), gy.quant_min,
-                                                                       gy.quant_max),
-                                           gy.scale, gy.zero_point);
-    const float sum = a + b;
+    const float sum = code_value(x[i], gx) + code_value(y[i], gy);
     out[i] = static_cast<uint8_t>(static_cast<int32_t>(math::quantize_value(
         math::select(relu & (sum < 0.0f), 0.0f, sum), go.inv_scale, go.zero_point, go.quant_min, go.quant_max)));
   }
@@ -463,16 +464,10 @@ QATX_CPU_CLONES void grid_values(const float* x, float* v, int64_t n, math::Tens
   }
 }
 QATX_CPU_CLONES void grid_values(const uint8_t* x, float* v, int64_t n, math::TensorGrid g) {
-  for (int64_t i = 0; i < n; ++i) {
-    v[i] = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), g.quant_min, g.quant_max),
-                                  g.scale, g.zero_point);
-  }
+  for (int64_t i = 0; i < n; ++i) v[i] = code_value(x[i], g);
 }
 QATX_CPU_CLONES void grid_values(const int8_t* x, float* v, int64_t n, math::TensorGrid g) {
-  for (int64_t i = 0; i < n; ++i) {
-    v[i] = math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(x[i]), g.quant_min, g.quant_max),
-                                  g.scale, g.zero_point);
-  }
+  for (int64_t i = 0; i < n; ++i) v[i] = code_value(x[i], g);
 }
 
 // a[i] = a[i] + b[i] in float32, then max(., 0) when relu (NaN stays NaN).
