@@ -295,6 +295,40 @@ def test_convolution_int8_winograd_shapes_are_exact(case, input_kind):
     assert torch.equal(y.long(), ref_quantize(ref, out_s, out_z, 0, 255))
 
 
+POINTWISE_STRIDED_CASES = [
+    # (dim, c_in, c_out, spatial size, stride, groups): 1x1 kernels, no padding
+    (2, 32, 40, (9, 8), (2, 2), 1),
+    (2, 6, 9, (7, 7), (3, 2), 3),   # odd C/G: a padded channel per group
+    (1, 5, 7, (11,), (4,), 1),
+    (3, 4, 6, (5, 6, 7), (2, 1, 3), 2),
+    (2, 16, 16, (1, 5), (2, 2), 1),  # one input row
+]
+
+
+@pytest.mark.parametrize("case", range(len(POINTWISE_STRIDED_CASES)))
+@pytest.mark.parametrize("input_kind", ["float", "uint8"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_convolution_int8_strided_pointwise_is_exact(case, input_kind, layout):
+    """A strided 1x1 convolution without padding quantizes only the pixels it reads, in place from
+    a channels-last input: the same bits as the exact integer reference."""
+    d, cin, cout, size, stride, g = POINTWISE_STRIDED_CASES[case]
+    gen = torch.Generator().manual_seed(300 + case)
+    s, z = torch.tensor([0.03]), torch.tensor([41], dtype=torch.int32)
+    if input_kind == "float":
+        x = torch.randn((3, cin) + size, generator=gen) * 3
+        q = x
+    else:
+        q = torch.randint(0, 256, (3, cin) + size, generator=gen, dtype=torch.uint8)
+        x = (q.float() - 41) * s
+    if layout == "channels_last":
+        q = q.permute([0] + list(range(2, d + 2)) + [1]).contiguous().permute([0, d + 1] + list(range(1, d + 1)))
+    w = torch.randint(-128, 128, (cout, cin // g) + (1,) * d, generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, cout, True, asymmetric=True)
+    bias = torch.randint(-3000, 3000, (cout,), generator=gen, dtype=torch.int32)
+    args = (s, z, 0, 255, w, sw, zw, bias, list(stride), [0] * d, [1] * d, False, [0] * d, g, True)
+    assert_close_epilogue(qatx.convolution_int8(q, *args), ref_conv(x, *args))
+
+
 @pytest.mark.parametrize("weight_zero_point", [0, 127])
 def test_convolution_int8_winograd_extremes_and_bound(weight_zero_point):
     """The Winograd route at its largest transformed values (inputs and weights at the ends of

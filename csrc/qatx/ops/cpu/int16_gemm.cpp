@@ -189,6 +189,14 @@ QATX_AVX2 inline __m256i load16(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Asks for the cache lines of n int16 from p on (a hint: no fault, whatever the address).
+QATX_AVX2 inline void prefetch(const int16_t* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(int16_t)); off += 64) {
+    _mm_prefetch(bytes + off, _MM_HINT_T0);
+  }
+}
+
 // acc[6][16] = A[6 rows] * B panel. Row i of A is `segments` runs of 2 * pairs int16 each, run s
 // starting at starts[s * 6 + i] (im2col without the copy: a run is one input pixel's channels).
 // Named accumulators (not an array) keep GCC from spilling them: 12 accumulators + 2 B + 1 A +
@@ -520,6 +528,13 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
             px[i][j] = inside || (py0 + i < in_h && px0 + j < in_w) ? patch + (i * in_w + j) * cp : zeros.data();
           }
         }
+        // The two pixel columns that block r + 2 is the first to read, fetched while this block
+        // is transformed (the input has just been written and is mostly in L3: 10-13% on a
+        // 32-channel layer).
+        const int64_t ahead = std::min<int64_t>(px0 + 6, in_w - 2);
+        for (int i = 0; i < N && py0 + i < in_h; ++i) {
+          prefetch(x + ((image * in_h + py0 + i) * in_w + ahead) * cp, 2 * cp);
+        }
         transform_patch(px, cp, u.data() + r * cp, chunk * cp);
         if (++bx == blocks_w) {
           bx = 0;
@@ -607,6 +622,9 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
         const int64_t mr = std::min(kTileRows, rows - i), col = p * kPanel;
         const int16_t* const* tile_rows = starts.data() + i / kTileRows * tile_starts;
         const int64_t offset = p * (b.kp / 2) * kPanel * 2;
+        if (p == p_begin && i + kTileRows < rows) {  // the next tile's runs, while this one multiplies
+          for (int64_t s = 0; s < tile_starts; ++s) prefetch(tile_rows[tile_starts + s], 2 * pairs);
+        }
         if (mr > 1) {
           tile(tile_rows, segments, pairs, b.panels.data() + offset, acc);
         } else if (!b.panels8.empty()) {

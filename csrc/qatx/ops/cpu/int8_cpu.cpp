@@ -173,20 +173,22 @@ void check_no_nan(bool ok, const char* op) {
 class CenteredInput {
  public:
   CenteredInput(const at::Tensor& x, float s, int32_t z, int64_t quant_min, int64_t quant_max)
-      : x_(x),
+      : type_(x.scalar_type()),
+        data_(x.const_data_ptr()),  // once: the checked accessor costs as much as a short row
         quantize_(s, z, quant_min, quant_max),
         center_{z, static_cast<int32_t>(quant_min), static_cast<int32_t>(quant_max)} {}
   // Elements [offset, offset + n) into dst; false when they hold a NaN.
   bool operator()(int64_t offset, int16_t* dst, int64_t n) const {
-    switch (x_.scalar_type()) {
-      case at::kByte: center_(x_.const_data_ptr<uint8_t>() + offset, dst, n); return true;
-      case at::kChar: center_(x_.const_data_ptr<int8_t>() + offset, dst, n); return true;
-      default: return quantize_(x_.const_data_ptr<float>() + offset, dst, n);
+    switch (type_) {
+      case at::kByte: center_(static_cast<const uint8_t*>(data_) + offset, dst, n); return true;
+      case at::kChar: center_(static_cast<const int8_t*>(data_) + offset, dst, n); return true;
+      default: return quantize_(static_cast<const float*>(data_) + offset, dst, n);
     }
   }
 
  private:
-  const at::Tensor& x_;
+  at::ScalarType type_;
+  const void* data_;
   int16_gemm::Quantizer quantize_;
   int16_gemm::Centerer center_;
 };
@@ -313,15 +315,21 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     });
     if (!exact_in_int32(*packed, z_in, quant_min, quant_max)) return {};
   }
+  // A strided 1x1 convolution without padding reads every stride-th pixel: it is the 1x1
+  // convolution of stride 1 over those pixels, and only they are quantized.
+  bool pointwise = true;
+  for (int i = 0; i < D; ++i) pointwise = pointwise && weight.size(2 + i) == 1 && geo.padding[i] == 0;
+  at::Tensor pixels_read = input;
+  for (int i = 0; pointwise && i < D; ++i) pixels_read = pixels_read.slice(2 + i, 0, std::nullopt, geo.stride[i]);
   // Geometry as 3-d (leading unit dimensions); `padded`: the input with its padding.
   std::array<int64_t, 3> in{1, 1, 1}, out_dim{1, 1, 1}, kernel{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0},
       dilation{1, 1, 1}, padded{1, 1, 1};
   for (int i = 0; i < D; ++i) {
     const int j = 3 - D + i;
-    in[j] = input.size(2 + i);
+    in[j] = pixels_read.size(2 + i);
     out_dim[j] = geo.output_shape[2 + i].expect_int();
     kernel[j] = weight.size(2 + i);
-    stride[j] = geo.stride[i];
+    stride[j] = pointwise ? 1 : geo.stride[i];
     pad[j] = geo.padding[i];
     dilation[j] = geo.dilation[i];
     padded[j] = in[j] + 2 * pad[j];
@@ -340,7 +348,13 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       for (int64_t k = 0; k < kernel[j]; ++k) read[j][o * stride[j] + k * dilation[j]] = 1;
     }
   }
-  const at::Tensor x = input.permute(channels_last_order(D)).contiguous();
+  // Channels last, each pixel's channels adjacent (a view of a channels-last input: the pixels
+  // of a strided 1x1 convolution are not copied).
+  at::Tensor x = pixels_read.permute(channels_last_order(D));
+  if (x.stride(D + 1) != 1) x = x.contiguous();
+  std::array<int64_t, 3> x_stride{0, 0, 0};  // per spatial step, as 3-d
+  for (int i = 0; i < D; ++i) x_stride[3 - D + i] = x.stride(1 + i);
+  const int64_t x_batch_stride = x.stride(0);
   const int64_t row_len = padded[2] * c_stride, image = padded[0] * padded[1] * row_len;
   std::vector<int16_t> owner;
   int16_t* xq = int16_scratch(batch * image + 16, owner);  // + the depthwise kernel's overread
@@ -360,13 +374,17 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       }
       std::memset(dst, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
       std::memset(dst + (pad[2] + in[2]) * c_stride, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
-      const int64_t src = ((nn * in[0] + i0) * in[1] + i1) * in[2] * c_in;
+      const int64_t src = nn * x_batch_stride + i0 * x_stride[0] + i1 * x_stride[1];
       int16_t* pixels = dst + pad[2] * c_stride;
-      if (cgp == cg) {  // no padding channel: one run
-        if (!quantize(src, pixels, in[2] * c_in)) ok = false;
-        continue;
+      int16_t* row = cgp == cg ? pixels : tmp.data();  // tmp: spread below
+      if (x_stride[2] == c_in) {  // adjacent pixels: one run
+        if (!quantize(src, row, in[2] * c_in)) ok = false;
+      } else {
+        for (int64_t px = 0; px < in[2]; ++px) {
+          if (!quantize(src + px * x_stride[2], row + px * c_in, c_in)) ok = false;
+        }
       }
-      if (!quantize(src, tmp.data(), in[2] * c_in)) ok = false;
+      if (cgp == cg) continue;
       for (int64_t px = 0; px < in[2] * groups; ++px) {  // spread each group's cg channels over cgp
         std::memcpy(pixels + px * cgp, tmp.data() + px * cg, static_cast<size_t>(cg) * sizeof(int16_t));
         pixels[px * cgp + cg] = 0;
