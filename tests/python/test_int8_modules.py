@@ -157,6 +157,32 @@ def test_pack_int4_round_trip_and_errors():
         nnq.pack_int4(q.float())
 
 
+def test_4bit_layers_keep_their_unpacked_weight_and_run_under_inference_mode():
+    """A 4-bit layer unpacks its weight on every call: the same int8 tensor comes back while the
+    packed weight is unchanged (so its packed form stays cached), a loaded state dict takes
+    effect, and the model runs the same under torch.inference_mode as under no_grad."""
+    torch.manual_seed(3)
+    model = qatx.prepare_qat(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                           nn.Linear(16 * 6 * 6, 10)), qatx.presets.W4A8)
+    calibrate(model, lambda: (torch.randn(4, 16, 6, 6),))
+    int8 = qatx.convert(model)
+    conv = int8[0]
+    assert conv.weight.dtype == torch.uint8
+    assert conv.int_weight().data_ptr() == conv.int_weight().data_ptr()
+    x = torch.randn(3, 16, 6, 6)
+    with torch.no_grad():
+        y = int8(x)
+    with torch.inference_mode():
+        assert torch.equal(int8(x), y)
+        assert torch.equal(int8(x), y)
+    other = copy.deepcopy(int8)
+    with torch.no_grad():
+        other[0].weight.copy_(torch.randint(0, 256, other[0].weight.shape, dtype=torch.uint8))
+    int8.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(int8(x), other(x)) and not torch.equal(int8(x), y)
+
+
 @pytest.mark.parametrize("bits,gran", [(8, "per_channel"), (4, "per_group"), (8, "per_tensor")])
 def test_embedding_exact(bits, gran):
     torch.manual_seed(1)

@@ -396,6 +396,72 @@ def test_packed_weight_cache_follows_in_place_updates():
         del w2
 
 
+def test_weights_made_under_inference_mode_are_packed_every_call():
+    """Tensors created under torch.inference_mode have no version counter, so an in-place change
+    cannot be seen: such weights (and zero points) are packed on every call, never cached."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 32, generator=gen)
+    s, z = torch.tensor([0.05]), torch.tensor([128], dtype=torch.int32)
+    with torch.inference_mode():
+        w = torch.randint(-100, 100, (16, 32), generator=gen, dtype=torch.int8)
+        sw, zw = torch.full((16,), 0.01), torch.zeros(16, dtype=torch.int32)
+        wc = torch.randint(-100, 100, (16, 32, 3, 3), generator=gen, dtype=torch.int8)
+        xc = torch.randn(2, 32, 6, 6, generator=gen)
+        conv_args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        for _ in range(2):
+            assert_close_epilogue(qatx.linear_int8(x, s, z, 0, 255, w, sw, zw), ref_linear(x, s, z, 0, 255, w, sw, zw))
+            y = qatx.convolution_int8(xc, s, z, 0, 255, wc, sw, zw, None, *conv_args)
+            assert_close_epilogue(y, ref_conv(xc, s, z, 0, 255, wc, sw, zw, None, *conv_args))
+            w.copy_(torch.randint(-100, 100, (16, 32), generator=gen, dtype=torch.int8))  # no version to bump
+            wc.neg_()
+            zw.fill_(3)
+
+
+def _nibbles(packed, n):
+    """The 4-bit values of packed bytes, element 2j from the low nibble, as int8 [..., n]."""
+    u = packed.long()
+    both = torch.stack([u % 16, u // 16], -1).flatten(-2)[..., :n]
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpack_int4_values_and_errors(device):
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(4, 64).to(device)  # all 16 x 16 nibble pairs
+    for n in (128, 127):
+        y = torch.ops.qatx.unpack_int4(every_byte, n)
+        assert y.dtype == torch.int8 and y.shape == (4, n) and y.device == every_byte.device
+        assert torch.equal(y.cpu(), _nibbles(every_byte.cpu(), n))
+    q = torch.randint(-8, 8, (2, 3, 5), dtype=torch.int8)
+    assert torch.equal(torch.ops.qatx.unpack_int4(qatx.nn.quantized.pack_int4(q).to(device), 5).cpu(), q)
+    with pytest.raises(RuntimeError, match="packed must be uint8"):
+        torch.ops.qatx.unpack_int4(q.to(device), 5)
+    for n in (9, 6, -1):
+        with pytest.raises(RuntimeError, match=r"n must be 2 \* packed.size\(-1\) - 1 or 2 \* packed.size\(-1\)"):
+            torch.ops.qatx.unpack_int4(every_byte[:, :4], n)
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        torch.ops.qatx.unpack_int4(torch.tensor(7, dtype=torch.uint8, device=device), 1)
+
+
+def test_unpack_int4_is_kept_while_unchanged():
+    """The CPU kernel hands back the same tensor while the packed weight and the result are
+    unchanged (a 4-bit layer's packed int16 weight then stays cached); an in-place change to
+    either gives freshly unpacked values."""
+    gen = torch.Generator().manual_seed(5)
+    packed = torch.randint(0, 256, (16, 16), generator=gen, dtype=torch.uint8)
+    first = torch.ops.qatx.unpack_int4(packed, 31)
+    assert torch.ops.qatx.unpack_int4(packed, 31).data_ptr() == first.data_ptr()
+    assert torch.equal(torch.ops.qatx.unpack_int4(packed, 32)[:, :31], first)  # another n: its own entry
+    packed.copy_(torch.randint(0, 256, (16, 16), generator=gen, dtype=torch.uint8))
+    assert torch.equal(torch.ops.qatx.unpack_int4(packed, 31), _nibbles(packed, 31))
+    kept = torch.ops.qatx.unpack_int4(packed, 31)
+    kept.zero_()  # a caller writing into the result
+    assert torch.equal(torch.ops.qatx.unpack_int4(packed, 31), _nibbles(packed, 31))
+    with torch.inference_mode():  # made as a normal tensor, so it can be kept
+        y = torch.ops.qatx.unpack_int4(packed[:8], 31)
+        assert not y.is_inference() and torch.ops.qatx.unpack_int4(packed[:8], 31).data_ptr() == y.data_ptr()
+        assert torch.equal(y, _nibbles(packed[:8], 31))
+
+
 def test_empty_and_scripted():
     w = torch.randint(-5, 5, (4, 8), dtype=torch.int8)
     s, z = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
@@ -428,10 +494,11 @@ def _opcheck_cases():
         (torch.ops.qatx.linear_int8_dynamic.default, (x, w, sw, zw, torch.randn(12, generator=gen), True)),
         (torch.ops.qatx.add_int8.default, (xc, s, z, 0, 255, xc.flip(0), torch.tensor([0.03]),
                                            torch.tensor([-3], dtype=torch.int32), -128, 127, True)),
+        (torch.ops.qatx.unpack_int4.default, (torch.randint(0, 256, (3, 4), generator=gen, dtype=torch.uint8), 7)),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

@@ -45,6 +45,8 @@ T add_int8(CT input, CT input_scale, CT input_zero_point, int64_t input_quant_mi
                 output_quant_min, output_quant_max);
 }
 
+T unpack_int4(CT packed, int64_t n) { QATX_DISPATCH("unpack_int4", T(CT, int64_t), packed, n); }
+
 #undef QATX_DISPATCH
 
 }  // namespace ops

@@ -40,5 +40,8 @@ at::Tensor add_int8(const at::Tensor& input, const at::Tensor& input_scale, cons
                        const std::optional<at::Tensor>& output_zero_point = std::nullopt,
                        int64_t output_quant_min = 0, int64_t output_quant_max = 255);
 
+// int8 [..., n] from 4-bit values packed two per byte (library.cpp).
+at::Tensor unpack_int4(const at::Tensor& packed, int64_t n);
+
 }  // namespace ops
 }  // namespace qatx

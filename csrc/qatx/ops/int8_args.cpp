@@ -326,6 +326,31 @@ at::Tensor linear_dynamic_reference(const at::Tensor& input, const at::Tensor& w
   return y.to(at::kFloat).reshape_symint(linear_output_shape(input, weight));
 }
 
+std::vector<c10::SymInt> unpack_int4_shape(const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "qatx::unpack_int4: packed must be uint8 (two 4-bit values per byte), got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.dim() >= 1, "qatx::unpack_int4: packed must have at least one dimension");
+  TORCH_CHECK(n >= 0, "qatx::unpack_int4: n must be 2 * packed.size(-1) - 1 or 2 * packed.size(-1), got n=", n);
+  const c10::SymInt bytes = packed.sym_size(-1);
+  TORCH_SYM_CHECK((bytes * 2 - 1).sym_le(n).sym_and(c10::SymInt(n).sym_le(bytes * 2)),
+                  "qatx::unpack_int4: n must be 2 * packed.size(-1) - 1 or 2 * packed.size(-1), got n=", n,
+                  " for packed.size(-1)=", bytes);
+  std::vector<c10::SymInt> shape(packed.sym_sizes().begin(), packed.sym_sizes().end());
+  shape.back() = c10::SymInt(n);
+  return shape;
+}
+
+at::Tensor unpack_int4_values(const at::Tensor& packed, int64_t n) {
+  const std::vector<c10::SymInt> shape = unpack_int4_shape(packed, n);
+  const at::Tensor u = packed.to(at::kShort);
+  at::Tensor lo = u.bitwise_and(15), hi = u.bitwise_right_shift(4);
+  lo = lo - lo.bitwise_and(8) * 2;  // a nibble's two's complement: 8..15 -> -8..-1
+  hi = hi - hi.bitwise_and(8) * 2;
+  std::vector<c10::SymInt> pairs(packed.sym_sizes().begin(), packed.sym_sizes().end());
+  pairs.back() = pairs.back() * 2;
+  return at::stack({lo, hi}, -1).reshape_symint(pairs).narrow_symint(-1, 0, shape.back()).to(at::kChar).contiguous();
+}
+
 }  // namespace int8
 }  // namespace ops
 }  // namespace qatx

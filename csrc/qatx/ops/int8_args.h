@@ -104,6 +104,12 @@ at::Tensor linear_dynamic_reference(const at::Tensor& input, const at::Tensor& w
                                     const at::Tensor& weight_zero_point, const std::optional<at::Tensor>& bias,
                                     bool per_row);
 
+// unpack_int4: packed must be uint8 with at least one dimension and n one of
+// 2 * packed.size(-1) - 1, 2 * packed.size(-1). unpack_int4_shape: the output's sizes.
+std::vector<c10::SymInt> unpack_int4_shape(const at::Tensor& packed, int64_t n);
+// The unpacked int8 values, contiguous, with ATen operations (any device).
+at::Tensor unpack_int4_values(const at::Tensor& packed, int64_t n);
+
 }  // namespace int8
 }  // namespace ops
 }  // namespace qatx

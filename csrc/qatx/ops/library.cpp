@@ -79,5 +79,11 @@ TORCH_LIBRARY(qatx, m) {
   m.def("linear_int8_dynamic(Tensor input, Tensor weight, Tensor weight_scale, Tensor weight_zero_point, Tensor? bias=None, bool per_row=False) -> Tensor");
   // y = fq(input) + fq(other), ReLU when relu: each input quantized to its own 8-bit grid and dequantized,
   // then summed in float32 (a converted quantized add).
+  // 4-bit weights as the converted modules store them (uint8, two per byte along the last
+  // dimension: element 2j in the low nibble, 2j + 1 in the high one, two's complement) as int8
+  // [..., n], n = 2 * packed.size(-1) or one less. On the CPU the result is kept while `packed` is
+  // unchanged and the same tensor comes back (so the ops above find their packed weight cached),
+  // unless it was itself changed in place.
+  m.def("unpack_int4(Tensor packed, int n) -> Tensor");
   m.def("add_int8(Tensor input, Tensor input_scale, Tensor input_zero_point, int input_quant_min, int input_quant_max, Tensor other, Tensor other_scale, Tensor other_zero_point, int other_quant_min, int other_quant_max, bool relu=False, Tensor? output_scale=None, Tensor? output_zero_point=None, int output_quant_min=0, int output_quant_max=255) -> Tensor");
 }

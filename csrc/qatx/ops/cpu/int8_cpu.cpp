@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -54,14 +55,17 @@ std::shared_ptr<PackedWeight> pack_weight(const at::Tensor& rows, const at::Tens
 // The cache: one entry per live weight storage. An entry holds a weak reference to the storage,
 // so a freed weight's address can never alias a new one, and records the weight's version
 // counter, so an in-place change (load_state_dict, copy_) repacks. Expired entries are dropped
-// on every insertion.
+// on every insertion. A weight or zero point created under torch.inference_mode has no version
+// counter, so nothing would see it change: it is packed on every call instead.
 class PackedWeightCache {
  public:
   // kind: 0 linear, D for a D-d convolution, 3 + D for a depthwise one (all PackedWeight), 7 for
-  // a Winograd 3x3 one (PackedWinograd); make() packs on a miss.
+  // a Winograd 3x3 one (PackedWinograd), 8 for an unpacked 4-bit weight; make() makes the entry on
+  // a miss.
   template <typename T>
   std::shared_ptr<const T> get(const at::Tensor& weight, const at::Tensor& zero_point, int64_t groups, int kind,
                                const std::function<std::shared_ptr<T>()>& make) {
+    if (weight.is_inference() || zero_point.is_inference()) return make();
     c10::StorageImpl* storage = weight.storage().unsafeGetStorageImpl();
     const int64_t version = weight._version();
     {
@@ -537,6 +541,29 @@ bool store_values_at(const float* v, at::Tensor& out, int64_t offset, int64_t n,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// unpack_int4: a 4-bit layer unpacks its weight on every call; a fresh tensor each time would
+// miss the packed-weight cache and repack the weight on every call too (a 4-bit 64 x 256 x 256
+// linear layer took 7x the time of the same layer stored as int8). So the unpacked tensor is kept,
+// keyed like a packed weight (packed's storage and version), and handed out again while
+// neither it nor packed has changed.
+struct UnpackedInt4 {
+  at::Tensor values;
+  int64_t version;  // values' version counter when made
+};
+
+at::Tensor unpack_int4_cached(const at::Tensor& packed, int64_t n) {
+  int8::unpack_int4_shape(packed, n);  // the checks, before any lookup
+  auto make = [&] {
+    c10::InferenceMode normal(false);  // a tensor with a version counter, even under inference_mode
+    at::Tensor values = int8::unpack_int4_values(packed, n);
+    return std::make_shared<UnpackedInt4>(UnpackedInt4{values, values._version()});
+  };
+  // Keyed by packed alone (it stands in for the zero point too); kind 8 with n as `groups`.
+  const auto kept = cache().get<UnpackedInt4>(packed, packed, n, /*kind=*/8, make);
+  return kept->values._version() == kept->version ? kept->values : make()->values;
+}
+
 struct Int8CpuBackend {
   static constexpr bool kChecksValuesOnHost = true;
   static constexpr bool kIntegerIO = true;
@@ -650,7 +677,10 @@ struct Int8CpuBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qatx, CPU, m) { Int8Kernels<Int8CpuBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(qatx, CPU, m) {
+  Int8Kernels<Int8CpuBackend>::register_all(m);
+  m.impl("unpack_int4", &unpack_int4_cached);
+}
 
 }  // namespace ops
 }  // namespace qatx

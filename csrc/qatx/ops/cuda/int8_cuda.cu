@@ -156,7 +156,10 @@ struct Int8CudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qatx, CUDA, m) { Int8Kernels<Int8CudaBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(qatx, CUDA, m) {
+  Int8Kernels<Int8CudaBackend>::register_all(m);
+  m.impl("unpack_int4", &int8::unpack_int4_values);
+}
 
 }  // namespace ops
 }  // namespace qatx

@@ -34,7 +34,12 @@ struct Int8MetaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qatx, Meta, m) { Int8Kernels<Int8MetaBackend>::register_all(m); }
+TORCH_LIBRARY_IMPL(qatx, Meta, m) {
+  Int8Kernels<Int8MetaBackend>::register_all(m);
+  m.impl("unpack_int4", [](const at::Tensor& packed, int64_t n) {
+    return at::empty_symint(int8::unpack_int4_shape(packed, n), packed.options().dtype(at::kChar));
+  });
+}
 
 }  // namespace ops
 }  // namespace qatx

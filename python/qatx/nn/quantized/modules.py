@@ -62,14 +62,10 @@ def pack_int4(q: Tensor) -> Tensor:
 
 
 def unpack_int4(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_int4`: int8 ``[..., n]`` from uint8 ``[..., ceil(n / 2)]``."""
-    u = packed.to(torch.int16)
-    lo = torch.bitwise_and(u, 15)
-    hi = torch.bitwise_right_shift(u, 4)
-    lo = lo - torch.bitwise_and(lo, 8) * 2  # two's complement of a nibble: 8..15 -> -8..-1
-    hi = hi - torch.bitwise_and(hi, 8) * 2
-    out = torch.stack([lo, hi], -1).reshape(list(packed.shape[:-1]) + [packed.shape[-1] * 2])
-    return out[..., :n].to(torch.int8)
+    """Inverse of :func:`pack_int4`: int8 ``[..., n]`` from uint8 ``[..., ceil(n / 2)]``
+    (``qatx::unpack_int4``). On the CPU the same tensor comes back while ``packed`` is unchanged,
+    so a 4-bit layer's packed weight stays cached between calls; do not change it in place."""
+    return torch.ops.qatx.unpack_int4(packed, n)
 
 
 # ------------------------------------------------------------------------------------------
