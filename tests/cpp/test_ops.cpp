@@ -763,6 +763,28 @@ TEST_F(OpsTest, Int8ConvolutionWinogradRouteIsExact) {
   EXPECT_TRUE(torch::equal(sum, qatx::ops::quantize_per_tensor_affine(float_route, s_in, z_in, 0, 255, torch::kByte)));
 }
 
+// 4-bit weights: every nibble pair of a byte, element 2j from the low nibble; the CPU kernel hands
+// the same tensor back while the packed tensor is unchanged, fresh values after an in-place change.
+TEST_F(OpsTest, UnpackInt4ValuesAndKeptResult) {
+  const Tensor packed = torch::arange(256, torch::kInt).to(torch::kByte).reshape({2, 128});
+  const Tensor y = qatx::ops::unpack_int4(packed, 255);
+  ASSERT_EQ(y.scalar_type(), torch::kChar);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 255}));
+  for (int64_t i = 0; i < 255; ++i) {
+    const int64_t byte = 128 + i / 2, nibble = i % 2 == 0 ? byte % 16 : byte / 16;
+    ASSERT_EQ(y[1][i].item<int>(), nibble >= 8 ? nibble - 16 : nibble) << "element " << i;
+  }
+  EXPECT_EQ(qatx::ops::unpack_int4(packed, 255).data_ptr(), y.data_ptr());
+  const Tensor again = packed.clone();
+  packed.fill_(0x9F);  // (low 15, high 9) = (-1, -7)
+  const Tensor z = qatx::ops::unpack_int4(packed, 256);
+  EXPECT_EQ(z[0][0].item<int>(), -1);
+  EXPECT_EQ(z[0][1].item<int>(), -7);
+  EXPECT_TRUE(torch::equal(qatx::ops::unpack_int4(again, 255), y));
+  EXPECT_ERROR_MENTIONS(qatx::ops::unpack_int4(packed, 254), "n must be 2 * packed.size(-1) - 1 or");
+  EXPECT_ERROR_MENTIONS(qatx::ops::unpack_int4(packed.to(torch::kChar), 255), "packed must be uint8");
+}
+
 TEST_F(OpsTest, CpuOutputCacheReusesAFreedOutput) {
   const int64_t previous = qatx::ops::set_cpu_cache_limit(int64_t{16} << 20);
   qatx::ops::empty_cpu_cache();
