@@ -598,9 +598,9 @@ def test_every_op_has_a_reference_family_or_is_internal():
 
 # Public ops fuzzed here by the schema family only (valid or clearly refused, never a crash or a
 # NaN from finite input); their values are checked exactly against references in their own files:
-# test_int8_ops.py (INT8 GEMM/convolution/add), test_observers.py (histograms and range searches),
+# test_int8_ops.py (INT8 GEMM/convolution/add, 4-bit unpacking), test_observers.py (histograms and range searches),
 # test_observe_ops.py (fused observe + fake-quantize).
-SCHEMA_ONLY = ("convolution_int8", "linear_int8", "linear_int8_dynamic", "add_int8", "histogram_observe",
+SCHEMA_ONLY = ("convolution_int8", "linear_int8", "linear_int8_dynamic", "add_int8", "unpack_int4", "histogram_observe",
                "histogram_range",
                "observe_fake_quantize_per_tensor_affine", "observe_fake_quantize_per_channel_affine",
                "observe_fake_quantize_per_group_affine")
