@@ -720,17 +720,26 @@ def test_convolution_int8_integer_input_and_output_equal_the_float_route(device,
     assert out.stride() == y.stride()  # the float output's layout (channels-last unless transposed)
 
 
-def test_integer_input_is_clamped_to_the_quant_range():
+@pytest.mark.parametrize("codes,qrange", [(torch.uint8, (0, 15)), (torch.int8, (-8, 7))])
+def test_integer_input_is_clamped_to_the_quant_range(codes, qrange):
     gen = torch.Generator().manual_seed(3)
-    q = torch.randint(0, 256, (6, 24), generator=gen, dtype=torch.uint8)
-    w = torch.randint(-128, 128, (16, 24), generator=gen, dtype=torch.int8)
+    info = torch.iinfo(codes)
+    q = torch.randint(info.min, info.max + 1, (6, 40), generator=gen, dtype=codes)
+    w = torch.randint(-128, 128, (16, 40), generator=gen, dtype=torch.int8)
     sw, zw = qparams(gen, 16, True)
-    s, z = torch.tensor([0.1]), torch.tensor([4], dtype=torch.int32)
-    # A 4-bit grid: codes above 15 count as 15, as the float route's clamp would make them.
-    assert torch.equal(qatx.linear_int8(q, s, z, 0, 15, w, sw, zw), qatx.linear_int8(q.clamp(0, 15), s, z, 0, 15, w,
-                                                                                   sw, zw))
-    ref = ref_linear(((q.clamp(0, 15).float() - 4) * 0.1), s, z, 0, 15, w, sw, zw)
-    assert_close_epilogue(qatx.linear_int8(q, s, z, 0, 15, w, sw, zw), ref)
+    s, z = torch.tensor([0.1]), torch.tensor([qrange[0] + 4], dtype=torch.int32)
+    clamped = q.clamp(*qrange)
+    # A 4-bit grid: codes outside it count as its ends, as the float route's clamp would make them.
+    assert torch.equal(qatx.linear_int8(q, s, z, *qrange, w, sw, zw), qatx.linear_int8(clamped, s, z, *qrange, w,
+                                                                                     sw, zw))
+    ref = ref_linear(((clamped.float() - int(z)) * 0.1), s, z, *qrange, w, sw, zw)
+    assert_close_epilogue(qatx.linear_int8(q, s, z, *qrange, w, sw, zw), ref)
+    # A convolution's padded, channels-last input buffer: 40 channels, 16 at a time and the rest.
+    qc = q.reshape(6, 40, 1, 1).expand(6, 40, 3, 4).contiguous(memory_format=torch.channels_last)
+    wc = torch.randint(-128, 128, (8, 40, 3, 3), generator=gen, dtype=torch.int8)
+    args = (s, z, *qrange, wc, sw[:8], zw[:8], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    ref = ref_conv((qc.clamp(*qrange).float() - int(z)) * 0.1, *args)
+    assert_close_epilogue(qatx.convolution_int8(qc, *args), ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

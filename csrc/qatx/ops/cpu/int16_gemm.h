@@ -102,7 +102,8 @@ struct Quantizer {
   float inv_scale, zero_point, quant_min, quant_max;
 };
 
-// An integer input's centered values: dst[i] = clamp(q[i], quant_min, quant_max) - zero_point.
+// An integer input's centered values: dst[i] = clamp(q[i], quant_min, quant_max) - zero_point,
+// the range inside the codes' type (as the ops check).
 struct Centerer {
   int32_t zero_point, quant_min, quant_max;
   void operator()(const uint8_t* q, int16_t* dst, int64_t n) const;
