@@ -189,12 +189,11 @@ QATX_AVX2 inline __m256i load16(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Asks for the cache lines of n int16 from p on (a hint: no fault, whatever the address).
-QATX_AVX2 inline void prefetch(const int16_t* p, int64_t n) {
+// Asks for the cache lines of n elements from p on (a hint: no fault, whatever the address).
+template <typename T>
+QATX_AVX2 inline void prefetch(const T* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(int16_t)); off += 64) {
-    _mm_prefetch(bytes + off, _MM_HINT_T0);
-  }
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(bytes + off, _MM_HINT_T0);
 }
 
 // acc[6][16] = A[6 rows] * B panel. Row i of A is `segments` runs of 2 * pairs int16 each, run s
@@ -437,16 +436,45 @@ struct Ops32 {
   QATX_AVX2 __m256i sub(__m256i a, __m256i b) const { return _mm256_sub_epi32(a, b); }
 };
 
+// A pixel's centered channels: stored centered (int16), or integer codes (uint8 / int8) clamped
+// to the quant range and centered as they are loaded (the codes' own range: no int16 copy of the
+// input is written and read back). `fill` is a pixel whose centered channels are 0.
+template <typename Pixel>
+struct CenteredPixels {
+  QATX_AVX2 __m256i operator()(const Pixel* p) const {  // 16 channels
+    if constexpr (std::is_same_v<Pixel, int16_t>) {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m128i lo = _mm_set1_epi8(static_cast<char>(codes.quant_min));
+      const __m128i hi = _mm_set1_epi8(static_cast<char>(codes.quant_max));
+      const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(codes.zero_point));
+      if constexpr (std::is_same_v<Pixel, int8_t>) {
+        return _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_min_epi8(_mm_max_epi8(v, lo), hi)), z);
+      } else {
+        return _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_min_epu8(_mm_max_epu8(v, lo), hi)), z);
+      }
+    }
+  }
+  int32_t one(const Pixel* p) const {
+    if constexpr (std::is_same_v<Pixel, int16_t>) return *p;
+    return std::min<int32_t>(std::max<int32_t>(*p, codes.quant_min), codes.quant_max) - codes.zero_point;
+  }
+  Pixel fill() const { return std::is_same_v<Pixel, int16_t> ? 0 : static_cast<Pixel>(codes.zero_point); }
+  Centerer codes;  // unused for int16
+};
+
 // The patch's transformed values of channels [0, cp), position p's at u + p * stride (16 channels
 // at a time, then one at a time).
-QATX_AVX2 void transform_patch(const int16_t* const (&px)[F23::kPatch][F23::kPatch], int64_t cp, int16_t* u,
-                               int64_t stride) {
+template <typename Pixel>
+QATX_AVX2 void transform_patch(const Pixel* const (&px)[F23::kPatch][F23::kPatch], int64_t cp,
+                               const CenteredPixels<Pixel>& load, int16_t* u, int64_t stride) {
   constexpr int N = F23::kPatch, P = F23::kPositions;
   int64_t c = 0;
   for (; c + 16 <= cp; c += 16) {
     __m256i d[N][N], t[P][P];
     for (int i = 0; i < N; ++i) {
-      for (int j = 0; j < N; ++j) d[i][j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px[i][j] + c));
+      for (int j = 0; j < N; ++j) d[i][j] = load(px[i][j] + c);
     }
     transform_2d(d, t, [](const __m256i* in, __m256i* out) QATX_AVX2 { F23::input(in, out, Ops16()); });
     for (int p = 0; p < P * P; ++p) {
@@ -456,7 +484,7 @@ QATX_AVX2 void transform_patch(const int16_t* const (&px)[F23::kPatch][F23::kPat
   for (; c < cp; ++c) {
     int32_t d[N][N], t[P][P];
     for (int i = 0; i < N; ++i) {
-      for (int j = 0; j < N; ++j) d[i][j] = px[i][j][c];
+      for (int j = 0; j < N; ++j) d[i][j] = load.one(px[i][j] + c);
     }
     transform_2d(d, t, [](const int32_t* in, int32_t* out) QATX_AVX2 { F23::input(in, out, ScalarOps()); });
     for (int p = 0; p < P * P; ++p) u[p * stride + c] = static_cast<int16_t>(t[p / P][p % P]);
@@ -484,11 +512,16 @@ QATX_AVX2 void output_transform(const int32_t (*acc)[kTileRows * kPanel], int64_
 }  // namespace
 #endif
 
-void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const PackedWinograd& b,
-              const Epilogue& epilogue, const Output& y) {
 #if QATX_INT16_GEMM
+namespace {
+// winograd() on an input of in_h x in_w pixels inside zero padding (centered 0) that is not
+// stored: pad_h rows above and below, pad_w columns left and right.
+template <typename Pixel>
+void winograd_from(int64_t batch, const Pixel* x, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+                   const CenteredPixels<Pixel>& load, const PackedWinograd& b, const Epilogue& epilogue,
+                   const Output& y) {
   constexpr int N = F23::kPatch, P = F23::kPositions * F23::kPositions;
-  const int64_t out_h = in_h - 2, out_w = in_w - 2;
+  const int64_t out_h = in_h + 2 * pad_h - 2, out_w = in_w + 2 * pad_w - 2;
   if (batch == 0 || out_h <= 0 || out_w <= 0 || b.positions.front().n == 0) return;
   const int64_t n = b.positions.front().n, cp = b.positions.front().kp, pairs = cp / 2;
   const int64_t blocks_h = (out_h + 1) / 2, blocks_w = (out_w + 1) / 2;
@@ -504,7 +537,8 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
   const int64_t chunks = (blocks + chunk - 1) / chunk;
   at::parallel_for(0, chunks, threads == 1 ? chunks : 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> u(static_cast<size_t>(P * chunk * cp));
-    const std::vector<int16_t> zeros(static_cast<size_t>(cp), 0);  // past the edge (odd output sizes)
+    // Pixels in the padding or past the edge (odd output sizes).
+    const std::vector<Pixel> zeros(static_cast<size_t>(cp), load.fill());
     std::vector<const int16_t*> starts(static_cast<size_t>(P * chunk));
     alignas(32) int32_t acc[P][kTileRows * kPanel];
     alignas(32) int32_t out[2][2 * kTileRows * kPanel];  // the tile's top and bottom output pixels
@@ -520,22 +554,27 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
       for (int64_t r = 0; r < count; ++r) {
         const int64_t py0 = 2 * by, px0 = 2 * bx;
         origins[r] = {(image * out_h + py0) * out_w + px0, py0, px0};
-        const int16_t* patch = x + ((image * in_h + py0) * in_w + px0) * cp;
-        const bool inside = py0 + N <= in_h && px0 + N <= in_w;
-        const int16_t* px[N][N];
+        const int64_t iy = py0 - pad_h, ix = px0 - pad_w;  // the patch's first pixel in x
+        const Pixel* image_x = x + image * in_h * in_w * cp;
+        const bool inside = iy >= 0 && ix >= 0 && iy + N <= in_h && ix + N <= in_w;
+        const Pixel* px[N][N];
         for (int i = 0; i < N; ++i) {
           for (int j = 0; j < N; ++j) {
-            px[i][j] = inside || (py0 + i < in_h && px0 + j < in_w) ? patch + (i * in_w + j) * cp : zeros.data();
+            const int64_t yy = iy + i, xx = ix + j;
+            px[i][j] = inside || (yy >= 0 && yy < in_h && xx >= 0 && xx < in_w) ? image_x + (yy * in_w + xx) * cp
+                                                                                 : zeros.data();
           }
         }
         // The two pixel columns that block r + 2 is the first to read, fetched while this block
-        // is transformed (the input has just been written and is mostly in L3: 10-13% on a
-        // 32-channel layer).
-        const int64_t ahead = std::min<int64_t>(px0 + 6, in_w - 2);
-        for (int i = 0; i < N && py0 + i < in_h; ++i) {
-          prefetch(x + ((image * in_h + py0 + i) * in_w + ahead) * cp, 2 * cp);
+        // is transformed (the input was just written and is mostly in L3: 10-13% on a 32-channel
+        // layer).
+        const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(ix + 6, in_w - 2));
+        for (int i = 0; i < N; ++i) {
+          if (iy + i >= 0 && iy + i < in_h) {
+            prefetch(image_x + ((iy + i) * in_w + ahead) * cp, std::min<int64_t>(2, in_w - ahead) * cp);
+          }
         }
-        transform_patch(px, cp, u.data() + r * cp, chunk * cp);
+        transform_patch(px, cp, load, u.data() + r * cp, chunk * cp);
         if (++bx == blocks_w) {
           bx = 0;
           if (++by == blocks_h) by = 0, ++image;
@@ -570,11 +609,35 @@ void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const
       }
     }
   });
+}
+}  // namespace
+#endif
+
+void winograd(int64_t batch, const int16_t* x, int64_t in_h, int64_t in_w, const PackedWinograd& b,
+              const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  winograd_from(batch, x, in_h, in_w, 0, 0, CenteredPixels<int16_t>{}, b, epilogue, y);
 #else
   (void)batch, (void)x, (void)in_h, (void)in_w, (void)b, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::winograd needs an x86-64 CPU with AVX2");
 #endif
 }
+
+template <typename Code>
+void winograd(int64_t batch, const Code* q, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+              const Centerer& codes, const PackedWinograd& b, const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  winograd_from(batch, q, in_h, in_w, pad_h, pad_w, CenteredPixels<Code>{codes}, b, epilogue, y);
+#else
+  (void)batch, (void)q, (void)in_h, (void)in_w, (void)pad_h, (void)pad_w, (void)codes, (void)b, (void)epilogue,
+      (void)y;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::winograd needs an x86-64 CPU with AVX2");
+#endif
+}
+template void winograd(int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, const Centerer&,
+                       const PackedWinograd&, const Epilogue&, const Output&);
+template void winograd(int64_t, const int8_t*, int64_t, int64_t, int64_t, int64_t, const Centerer&,
+                       const PackedWinograd&, const Epilogue&, const Output&);
 
 void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
           const Output& y) {

@@ -110,6 +110,15 @@ struct Centerer {
   void operator()(const int8_t* q, int16_t* dst, int64_t n) const;
 };
 
+// winograd() straight from integer codes (Code: uint8_t or int8_t): q holds `batch` images of
+// in_h x in_w pixels of b's cp channels (channels last, dense), centered by `codes` as they are
+// read, inside zero padding that is not stored (pad_h rows above and below, pad_w columns on
+// each side); y has the (in_h + 2 pad_h - 2) x (in_w + 2 pad_w - 2) output pixels. Same bits as
+// centering first.
+template <typename Code>
+void winograd(int64_t batch, const Code* q, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+              const Centerer& codes, const PackedWinograd& b, const Epilogue& epilogue, const Output& y);
+
 }  // namespace int16_gemm
 }  // namespace ops
 }  // namespace qatx

@@ -359,6 +359,21 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   std::array<int64_t, 3> x_stride{0, 0, 0};  // per spatial step, as 3-d
   for (int i = 0; i < D; ++i) x_stride[3 - D + i] = x.stride(1 + i);
   const int64_t x_batch_stride = x.stride(0);
+  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
+  // Integer codes with whole channel pairs go to the Winograd route as they are: it centers them
+  // as it reads them (no int16 copy of the input to write and read back).
+  if (winograd && cgp == cg && x.is_contiguous() && (x.scalar_type() == at::kByte || x.scalar_type() == at::kChar)) {
+    const int16_gemm::Centerer codes{z_in, static_cast<int32_t>(quant_min), static_cast<int32_t>(quant_max)};
+    const int16_gemm::Output y = gemm_output(out, c_out, out_q);
+    if (x.scalar_type() == at::kByte) {
+      int16_gemm::winograd(batch, x.const_data_ptr<uint8_t>(), in[1], in[2], pad[1], pad[2], codes, *winograd,
+                           e.at(0, relu), y);
+    } else {
+      int16_gemm::winograd(batch, x.const_data_ptr<int8_t>(), in[1], in[2], pad[1], pad[2], codes, *winograd,
+                           e.at(0, relu), y);
+    }
+    return out;
+  }
   const int64_t row_len = padded[2] * c_stride, image = padded[0] * padded[1] * row_len;
   std::vector<int16_t> owner;
   int16_t* xq = int16_scratch(batch * image + 16, owner);  // + the depthwise kernel's overread
@@ -397,7 +412,6 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   });
   check_no_nan(ok, op);
 
-  const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
   if (winograd) {
     int16_gemm::winograd(batch, xq, padded[1], padded[2], *winograd, e.at(0, relu), gemm_output(out, c_out, out_q));
     return out;
