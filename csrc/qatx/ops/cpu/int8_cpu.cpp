@@ -477,14 +477,27 @@ QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, 
 }
 
 // uint8 operands and output (a chained residual add): the same float32 operations as the block
-// path below, in one pass. Integer operands have finite values, so no sum is NaN.
+// path below, in one pass. Integer operands have finite values, so no value is NaN and each
+// clamp is a min and a max (v < lo ? lo : (v > hi ? hi : v) for finite v), which vectorize
+// without blends; ReLU is chosen outside the loop (64 x 32 x 32 x 32 on one thread: 1.99 ms with
+// the NaN-propagating forms, 1.39-1.47 ms).
+template <bool kRelu>
+QATX_ALWAYS_INLINE void add_uint8_loop(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t begin, int64_t end,
+                                       math::TensorGrid gx, math::TensorGrid gy, math::TensorGrid go) {
+  auto value = [](uint8_t q, const math::TensorGrid& g) {
+    return (std::min(std::max(static_cast<float>(q), g.quant_min), g.quant_max) - g.zero_point) * g.scale;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    float sum = value(x[i], gx) + value(y[i], gy);
+    if (kRelu) sum = sum < 0.0f ? 0.0f : sum;
+    const float q = math::round_half_even(sum * go.inv_scale) + go.zero_point;
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(std::max(q, go.quant_min), go.quant_max)));
+  }
+}
 QATX_CPU_CLONES void add_uint8_range(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t begin, int64_t end,
                                      math::TensorGrid gx, math::TensorGrid gy, math::TensorGrid go, bool relu) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float sum = code_value(x[i], gx) + code_value(y[i], gy);
-    out[i] = static_cast<uint8_t>(static_cast<int32_t>(math::quantize_value(
-        math::select(relu & (sum < 0.0f), 0.0f, sum), go.inv_scale, go.zero_point, go.quant_min, go.quant_max)));
-  }
+  if (relu) return add_uint8_loop<true>(x, y, out, begin, end, gx, gy, go);
+  add_uint8_loop<false>(x, y, out, begin, end, gx, gy, go);
 }
 
 // Any other combination of dtypes runs in blocks of kAddBlock elements through three simple
