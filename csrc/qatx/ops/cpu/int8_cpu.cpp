@@ -353,9 +353,11 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     }
   }
   // Channels last, each pixel's channels adjacent (a view of a channels-last input: the pixels
-  // of a strided 1x1 convolution are not copied).
+  // of a strided 1x1 convolution are not copied), or planar: each channel's rows contiguous (a
+  // channels-first input such as a float NCHW image, read in place channel by channel).
   at::Tensor x = pixels_read.permute(channels_last_order(D));
-  if (x.stride(D + 1) != 1) x = x.contiguous();
+  const bool planar = x.stride(D + 1) != 1 && x.stride(D) == 1 && x.size(D) > 1;
+  if (x.stride(D + 1) != 1 && !planar) x = x.contiguous();
   std::array<int64_t, 3> x_stride{0, 0, 0};  // per spatial step, as 3-d
   for (int i = 0; i < D; ++i) x_stride[3 - D + i] = x.stride(1 + i);
   const int64_t x_batch_stride = x.stride(0);
@@ -381,7 +383,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   std::atomic<bool> ok{true};
   const int64_t padded_rows = batch * padded[0] * padded[1];
   at::parallel_for(0, padded_rows, std::max<int64_t>(1, kQuantizeGrain / row_len), [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> tmp(cgp == cg ? 0 : static_cast<size_t>(in[2] * c_in));
+    std::vector<int16_t> tmp(cgp == cg && !planar ? 0 : static_cast<size_t>(in[2] * c_in));
     for (int64_t r = begin; r < end; ++r) {
       int16_t* dst = xq + r * row_len;
       const int64_t p1 = r % padded[1], p0 = r / padded[1] % padded[0], nn = r / (padded[0] * padded[1]);
@@ -395,6 +397,15 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       std::memset(dst + (pad[2] + in[2]) * c_stride, 0, static_cast<size_t>(pad[2] * c_stride) * sizeof(int16_t));
       const int64_t src = nn * x_batch_stride + i0 * x_stride[0] + i1 * x_stride[1];
       int16_t* pixels = dst + pad[2] * c_stride;
+      if (planar) {  // each channel's row as one run, then to its place in every pixel
+        for (int64_t c = 0; c < c_in; ++c) {
+          if (!quantize(src + c * x.stride(D + 1), tmp.data(), in[2])) ok = false;
+          int16_t* channel = pixels + c / cg * cgp + c % cg;
+          for (int64_t px = 0; px < in[2]; ++px) channel[px * c_stride] = tmp[px];
+        }
+        for (int64_t px = 0; cgp != cg && px < in[2] * groups; ++px) pixels[px * cgp + cg] = 0;
+        continue;
+      }
       int16_t* row = cgp == cg ? pixels : tmp.data();  // tmp: spread below
       if (x_stride[2] == c_in) {  // adjacent pixels: one run
         if (!quantize(src, row, in[2] * c_in)) ok = false;
