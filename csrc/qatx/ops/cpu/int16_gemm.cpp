@@ -61,6 +61,12 @@ PackedB zeroed(int64_t n, int64_t k) {
   return b;
 }
 
+// One integer code clamped to the range and centered (Centerer's value).
+template <typename Code>
+int32_t centered1(Code q, const Centerer& c) {
+  return std::min<int32_t>(std::max<int32_t>(q, c.quant_min), c.quant_max) - c.zero_point;
+}
+
 // w - z as int16, recording its magnitude in b.max_abs.
 int16_t centered(int32_t w, int32_t z, PackedB& b) {
   const int32_t v = w - z;
@@ -187,6 +193,20 @@ namespace {
 QATX_AVX2 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 QATX_AVX2 inline __m256i load16(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 16 integer codes (uint8 / int8) clamped to the range, in 8 bits (the range fits the codes'
+// type), and centered: Centerer's values as int16.
+template <typename Code>
+QATX_AVX2 inline __m256i centered16(const Code* q, const Centerer& c) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i lo = _mm_set1_epi8(static_cast<char>(c.quant_min)), hi = _mm_set1_epi8(static_cast<char>(c.quant_max));
+  const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(c.zero_point));
+  if constexpr (std::is_same_v<Code, int8_t>) {
+    return _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_min_epi8(_mm_max_epi8(v, lo), hi)), z);
+  } else {
+    return _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_min_epu8(_mm_max_epu8(v, lo), hi)), z);
+  }
 }
 
 // Asks for the cache lines of n elements from p on (a hint: no fault, whatever the address).
@@ -445,20 +465,12 @@ struct CenteredPixels {
     if constexpr (std::is_same_v<Pixel, int16_t>) {
       return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     } else {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      const __m128i lo = _mm_set1_epi8(static_cast<char>(codes.quant_min));
-      const __m128i hi = _mm_set1_epi8(static_cast<char>(codes.quant_max));
-      const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(codes.zero_point));
-      if constexpr (std::is_same_v<Pixel, int8_t>) {
-        return _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_min_epi8(_mm_max_epi8(v, lo), hi)), z);
-      } else {
-        return _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_min_epu8(_mm_max_epu8(v, lo), hi)), z);
-      }
+      return centered16(p, codes);
     }
   }
   int32_t one(const Pixel* p) const {
     if constexpr (std::is_same_v<Pixel, int16_t>) return *p;
-    return std::min<int32_t>(std::max<int32_t>(*p, codes.quant_min), codes.quant_max) - codes.zero_point;
+    return centered1(*p, codes);
   }
   Pixel fill() const { return std::is_same_v<Pixel, int16_t> ? 0 : static_cast<Pixel>(codes.zero_point); }
   Centerer codes;  // unused for int16
@@ -566,8 +578,7 @@ void winograd_from(int64_t batch, const Pixel* x, int64_t in_h, int64_t in_w, in
           }
         }
         // The two pixel columns that block r + 2 is the first to read, fetched while this block
-        // is transformed (the input was just written and is mostly in L3: 10-13% on a 32-channel
-        // layer).
+        // is transformed (the input is mostly in L3: 10-13% on a 32-channel layer).
         const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(ix + 6, in_w - 2));
         for (int i = 0; i < N; ++i) {
           if (iy + i >= 0 && iy + i < in_h) {
@@ -758,38 +769,23 @@ bool Quantizer::operator()(const float* x, int16_t* dst, int64_t n) const {
 }
 
 namespace {
-// Centerer for uint8 or int8 codes: the clamp in 8 bits (the range fits the codes' type), then
-// widened and centered 16 at a time.
+// Centerer for uint8 or int8 codes, 16 at a time.
 template <typename Code>
 #if QATX_INT16_GEMM
 QATX_AVX2
 #endif
-void center(const Code* q, int16_t* dst, int64_t n, int32_t zero_point, int32_t quant_min, int32_t quant_max) {
+void center(const Code* q, int16_t* dst, int64_t n, const Centerer& c) {
   int64_t i = 0;
 #if QATX_INT16_GEMM
-  constexpr bool kSigned = std::is_same_v<Code, int8_t>;
-  const __m128i lo = _mm_set1_epi8(static_cast<char>(quant_min)), hi = _mm_set1_epi8(static_cast<char>(quant_max));
-  const __m256i z = _mm256_set1_epi16(static_cast<int16_t>(zero_point));
-  for (; i + 16 <= n; i += 16) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
-    const __m128i c = kSigned ? _mm_min_epi8(_mm_max_epi8(v, lo), hi) : _mm_min_epu8(_mm_max_epu8(v, lo), hi);
-    const __m256i wide = kSigned ? _mm256_cvtepi8_epi16(c) : _mm256_cvtepu8_epi16(c);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_sub_epi16(wide, z));
-  }
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), centered16(q + i, c));
 #endif
-  for (; i < n; ++i) {
-    dst[i] = static_cast<int16_t>(std::min<int32_t>(std::max<int32_t>(q[i], quant_min), quant_max) - zero_point);
-  }
+  for (; i < n; ++i) dst[i] = static_cast<int16_t>(centered1(q[i], c));
 }
 }  // namespace
 
-void Centerer::operator()(const uint8_t* q, int16_t* dst, int64_t n) const {
-  center(q, dst, n, zero_point, quant_min, quant_max);
-}
+void Centerer::operator()(const uint8_t* q, int16_t* dst, int64_t n) const { center(q, dst, n, *this); }
 
-void Centerer::operator()(const int8_t* q, int16_t* dst, int64_t n) const {
-  center(q, dst, n, zero_point, quant_min, quant_max);
-}
+void Centerer::operator()(const int8_t* q, int16_t* dst, int64_t n) const { center(q, dst, n, *this); }
 
 }  // namespace int16_gemm
 }  // namespace ops

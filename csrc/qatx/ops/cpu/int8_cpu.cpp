@@ -360,7 +360,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   if (x.stride(D + 1) != 1 && !planar) x = x.contiguous();
   std::array<int64_t, 3> x_stride{0, 0, 0};  // per spatial step, as 3-d
   for (int i = 0; i < D; ++i) x_stride[3 - D + i] = x.stride(1 + i);
-  const int64_t x_batch_stride = x.stride(0);
+  const int64_t x_batch_stride = x.stride(0), x_channel_stride = x.stride(D + 1);
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, c_out);
   // Integer codes with whole channel pairs go to the Winograd route as they are: it centers them
   // as it reads them (no int16 copy of the input to write and read back).
@@ -399,7 +399,7 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
       int16_t* pixels = dst + pad[2] * c_stride;
       if (planar) {  // each channel's row as one run, then to its place in every pixel
         for (int64_t c = 0; c < c_in; ++c) {
-          if (!quantize(src + c * x.stride(D + 1), tmp.data(), in[2])) ok = false;
+          if (!quantize(src + c * x_channel_stride, tmp.data(), in[2])) ok = false;
           int16_t* channel = pixels + c / cg * cgp + c % cg;
           for (int64_t px = 0; px < in[2]; ++px) channel[px * c_stride] = tmp[px];
         }
@@ -474,10 +474,12 @@ math::TensorGrid tensor_grid(const at::Tensor& scale, const at::Tensor& zero_poi
           static_cast<float>(quant_max)};
 }
 
-// An integer operand's value: its code clamped to the range, dequantized.
+// An integer operand's value: its code clamped to the range, dequantized. A code is finite, so
+// the clamp is a min and a max (clamp_nan_propagating's value for finite input), which vectorize
+// without blends.
 template <typename Int>
 inline float code_value(Int q, const math::TensorGrid& g) {
-  return math::dequantize_value(math::clamp_nan_propagating(static_cast<float>(q), g.quant_min, g.quant_max), g.scale,
+  return math::dequantize_value(std::min(std::max(static_cast<float>(q), g.quant_min), g.quant_max), g.scale,
                                 g.zero_point);
 }
 
@@ -488,18 +490,14 @@ QATX_CPU_CLONES void add_int8_range(const float* x, const float* y, float* out, 
 }
 
 // uint8 operands and output (a chained residual add): the same float32 operations as the block
-// path below, in one pass. Integer operands have finite values, so no value is NaN and each
-// clamp is a min and a max (v < lo ? lo : (v > hi ? hi : v) for finite v), which vectorize
-// without blends; ReLU is chosen outside the loop (64 x 32 x 32 x 32 on one thread: 1.99 ms with
-// the NaN-propagating forms, 1.39-1.47 ms).
+// path below, in one pass. Integer operands have finite values, so no value is NaN and the
+// output's clamp is a min and a max too; ReLU is chosen outside the loop (64 x 32 x 32 x 32 on
+// one thread: 1.99 ms with the NaN-propagating forms, 1.39-1.47 ms).
 template <bool kRelu>
 QATX_ALWAYS_INLINE void add_uint8_loop(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t begin, int64_t end,
                                        math::TensorGrid gx, math::TensorGrid gy, math::TensorGrid go) {
-  auto value = [](uint8_t q, const math::TensorGrid& g) {
-    return (std::min(std::max(static_cast<float>(q), g.quant_min), g.quant_max) - g.zero_point) * g.scale;
-  };
   for (int64_t i = begin; i < end; ++i) {
-    float sum = value(x[i], gx) + value(y[i], gy);
+    float sum = code_value(x[i], gx) + code_value(y[i], gy);
     if (kRelu) sum = sum < 0.0f ? 0.0f : sum;
     const float q = math::round_half_even(sum * go.inv_scale) + go.zero_point;
     out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(std::max(q, go.quant_min), go.quant_max)));
