@@ -742,6 +742,52 @@ def test_integer_input_is_clamped_to_the_quant_range(codes, qrange):
     assert_close_epilogue(qatx.convolution_int8(qc, *args), ref)
 
 
+@pytest.mark.parametrize("orange", [(0, 255), (-128, 127)])
+@pytest.mark.parametrize("layer", ["linear", "linear_cancelling_bias", "conv3x3", "depthwise"])
+def test_integer_output_at_rounding_ties_equals_the_float_route(orange, layer):
+    """Outputs at or a few float32 ulps from a half-integer of the output grid: the integer output
+    is still quantize_per_tensor_affine of the float output (the CPU computes integer outputs in
+    float32 and defers to the float64 epilogue near such points). Channel j's multiplier
+    s * sw[j] / so is 0.5 * (1 + k * 2^-23) with k = (j - 32) // 4, up to sw's float32 rounding,
+    so an odd sum (bias included) lands about k * 2^-23 * |t| from a half-integer: within a few
+    ulps of the result t for small k. With a cancelling bias, sums near 10^6 and a bias near
+    -10^6 leave small results whose float32 terms carry errors near 0.03."""
+    gen = torch.Generator().manual_seed(orange[0] + len(layer))
+    s, z = torch.tensor([0.3]), torch.tensor([1], dtype=torch.int32)
+    so, zo = torch.tensor([0.1]), torch.tensor([(orange[0] + orange[1] + 1) // 2], dtype=torch.int32)
+    n = 64
+    k = torch.div(torch.arange(n) - 32, 4, rounding_mode="floor").double()
+    sw = (float(so) / float(s) * 0.5 * (1 + k * 2.0 ** -23)).float()
+    zw = torch.zeros(n, dtype=torch.int32)
+    b = torch.randint(-100, 100, (n,), generator=gen, dtype=torch.int32)
+    if layer == "linear":
+        x = torch.randint(0, 21, (300, 3), generator=gen, dtype=torch.uint8)
+        w = torch.randint(-5, 6, (n, 3), generator=gen, dtype=torch.int8)
+        if layer == "linear_cancelling_bias":
+            x = torch.cat([torch.full((300, 32), 255, dtype=torch.uint8), x[:, :1]], 1)
+            w = torch.cat([torch.full((n, 32), 127, dtype=torch.int8), w[:, :1]], 1)
+            b = b - 254 * 127 * 32
+        run = lambda relu, *out: qatx.linear_int8(x, s, z, 0, 255, w, sw, zw, b, relu, *out)
+    else:
+        groups = n if layer == "depthwise" else 1
+        high = 21 if layer == "depthwise" else 4  # sums of 9 or 576 products, mostly inside the grid
+        x = torch.randint(0, high, (2, n, 6, 7), generator=gen, dtype=torch.uint8)
+        w = torch.randint(-5 if groups > 1 else -2, 6 if groups > 1 else 3, (n, n // groups, 3, 3), generator=gen,
+                          dtype=torch.int8)
+        x = x.contiguous(memory_format=torch.channels_last)
+        run = lambda relu, *out: qatx.convolution_int8(x, s, z, 0, 255, w, sw, zw, b, [1, 1], [1, 1], [1, 1],
+                                                       False, [0, 0], groups, relu, *out)
+    for relu in (False, True):
+        y = run(relu)
+        on_grid = y.double() / float(so) + float(zo)
+        inside = (on_grid > orange[0]) & (on_grid < orange[1])
+        near_tie = (on_grid - on_grid.floor() - 0.5).abs() < 1e-3
+        assert int((inside & near_tie).sum()) > 100
+        expected = _codes(y, so, zo, orange)
+        out = run(relu, so, zo, *orange)
+        assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("layouts", ["contiguous", "channels_last", "mixed"])

@@ -5,9 +5,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "qatx/kernels/quant_math.h"
 
@@ -297,9 +300,17 @@ QATX_AVX2 inline Grid grid_of(const Output& y) {
           _mm256_set1_ps(y.quant_max), y.inv_scale, y.zero_point, y.quant_min, y.quant_max};
 }
 
+// Eight clamped, integer-valued codes (float32) packed into T (they pack without saturating).
+template <typename T>
+QATX_AVX2 inline void pack8(__m256 q, T* out) {
+  const __m256i v = _mm256_cvtps_epi32(q);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
+}
+
 // Eight epilogue results (float32, ReLU applied) stored as T: as they are, or quantized with the
-// same float32 operations as math::quantize_value (the clamped integers then pack without
-// saturating).
+// same float32 operations as math::quantize_value.
 template <typename T>
 QATX_AVX2 inline void store8(__m256 f, T* out, const Grid& g) {
   if constexpr (std::is_same_v<T, float>) {
@@ -307,10 +318,7 @@ QATX_AVX2 inline void store8(__m256 f, T* out, const Grid& g) {
   } else {
     const __m256 q = _mm256_add_ps(
         _mm256_round_ps(_mm256_mul_ps(f, g.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), g.z);
-    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, g.lo), g.hi));
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    const __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
+    pack8(_mm256_min_ps(_mm256_max_ps(q, g.lo), g.hi), out);
   }
 }
 template <typename T>
@@ -332,51 +340,116 @@ QATX_AVX2 inline __m128 four(__m128i a, const double* scale, const double* bias,
   return relu ? _mm_max_ps(f, _mm_setzero_ps()) : f;
 }
 
-// Rows < mr and columns < cols of the tile through the epilogue (int16_gemm.h); the columns from
-// `col` on. Four columns per float64 vector, eight per output vector.
-template <typename T>
-QATX_AVX2 void store_tile_as(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep,
-                             const Output& y) {
-  const double *scale = ep.scale + col, *bias = ep.bias ? ep.bias + col : nullptr,
-               *shift = ep.shift ? ep.shift + col : nullptr;
-  const bool relu = ep.relu;
-  const Grid g = grid_of(y);
-  T* const base = static_cast<T*>(y.data);
-  const int64_t ld = y.ld;
-  for (int64_t i = 0; i < mr; ++i) {
-    const int32_t* a = acc + i * kPanel;
-    T* out = base + i * ld;
-    int64_t j = 0;
-    for (; j + 8 <= cols; j += 8) {
-      // One 256-bit load per 256-bit store of the accumulators (a load of its upper half alone
-      // would not be forwarded from the store).
-      const __m256i a8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
-      const __m128 lo = four(_mm256_castsi256_si128(a8), scale + j, bias ? bias + j : nullptr,
-                             shift ? shift + j : nullptr, relu);
-      const __m128 hi = four(_mm256_extracti128_si256(a8, 1), scale + j + 4, bias ? bias + j + 4 : nullptr,
-                             shift ? shift + j + 4 : nullptr, relu);
-      store8<T>(_mm256_set_m128(hi, lo), out + j, g);
-    }
-    for (; j < cols; ++j) {
-      double v = static_cast<double>(a[j]);
-      if (bias) v += bias[j];
-      v *= scale[j];
-      if (shift) v += shift[j];
-      const float f = static_cast<float>(v);
-      out[j] = store1<T>(relu ? std::max(f, 0.0f) : f, g);
+// The epilogue into an integer grid in float32: t = float32(acc) * m + c, with m = scale / s_out
+// and c = (bias * scale + shift) / s_out per column, is the reference's rint argument
+// q = float32(float32(y) * inv_scale) up to rounding errors, and rint(t) = rint(q) unless a
+// half-integer lies between them. Both are within 3.01 * 2^-24 (|t| + |p| + |c|) + 2^-51 (the
+// float64 terms) + 2^-22 (float32 underflow) of the exact (acc + bias) * scale * inv + shift * inv
+// (p = float32(acc) * m), so `bound` = 2^-21 (|p| + |t| + abs_c) with abs_c = |c| + |bias * scale
+// * inv| + |shift * inv| + 2 covers their distance: t at least `bound` from every half-integer
+// rounds as q does, and the other vectors (about 1 in 3000 measured) take the float64 route. The
+// clamp, and ReLU as a lower clamp at the zero point's code (quantizing is monotone, so
+// quantize(max(y, 0)) = max(quantize(y), quantize(0))), then give the reference's integer.
+class TileStore {
+ public:
+  TileStore(const Epilogue& ep, const Output& y, int64_t n) : ep_(ep), type_(y.type) {
+    if (type_ == Output::Type::Float) return;
+    m_.resize(static_cast<size_t>(n));
+    c_.resize(static_cast<size_t>(n));
+    abs_c_.resize(static_cast<size_t>(n));
+    const double inv = y.inv_scale;
+    // Beyond float32's range: infinity, which sends every vector of the column the float64 route.
+    auto narrow = [](double v) {
+      return std::abs(v) <= std::numeric_limits<float>::max() ? static_cast<float>(v)
+                                                              : std::numeric_limits<float>::infinity();
+    };
+    for (int64_t j = 0; j < n; ++j) {
+      const double bias = ep.bias ? ep.bias[j] * ep.scale[j] * inv : 0.0, shift = ep.shift ? ep.shift[j] * inv : 0.0;
+      m_[j] = narrow(ep.scale[j] * inv);
+      c_[j] = narrow(bias + shift);
+      abs_c_[j] = narrow(std::abs(static_cast<double>(c_[j])) + std::abs(bias) + std::abs(shift) + 2.0);
     }
   }
-}
 
-// y points at the tile's first element.
-QATX_AVX2 void store_tile(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Epilogue& ep,
-                          const Output& y) {
-  switch (y.type) {
-    case Output::Type::Float: return store_tile_as<float>(acc, mr, col, cols, ep, y);
-    case Output::Type::UInt8: return store_tile_as<uint8_t>(acc, mr, col, cols, ep, y);
-    case Output::Type::Int8: return store_tile_as<int8_t>(acc, mr, col, cols, ep, y);
+  // Rows < mr and columns < cols of the tile (kPanel int32 per row) through the epilogue into y,
+  // which points at the tile's first element; the columns from `col` on.
+  QATX_AVX2 void operator()(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Output& y) const {
+    switch (type_) {
+      case Output::Type::Float: return store_as<float>(acc, mr, col, cols, y);
+      case Output::Type::UInt8: return store_as<uint8_t>(acc, mr, col, cols, y);
+      case Output::Type::Int8: return store_as<int8_t>(acc, mr, col, cols, y);
+    }
   }
-}
+
+ private:
+  // Eight results of row a by the float64 route (int16_gemm.h's Epilogue).
+  template <typename T>
+  QATX_AVX2 void exact8(const int32_t* a, int64_t col, T* out, const Grid& g) const {
+    const double *scale = ep_.scale + col, *bias = ep_.bias ? ep_.bias + col : nullptr,
+                 *shift = ep_.shift ? ep_.shift + col : nullptr;
+    // One 256-bit load per 256-bit store of the accumulators (a load of its upper half alone
+    // would not be forwarded from the store).
+    const __m256i a8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+    const __m128 lo = four(_mm256_castsi256_si128(a8), scale, bias, shift, ep_.relu);
+    const __m128 hi = four(_mm256_extracti128_si256(a8, 1), scale + 4, bias ? bias + 4 : nullptr,
+                           shift ? shift + 4 : nullptr, ep_.relu);
+    store8<T>(_mm256_set_m128(hi, lo), out, g);
+  }
+
+  template <typename T>
+  QATX_AVX2 void store_as(const int32_t* acc, int64_t mr, int64_t col, int64_t cols, const Output& y) const {
+    const Grid g = grid_of(y);
+    T* const base = static_cast<T*>(y.data);
+    const int64_t ld = y.ld;
+    int64_t j = 0;
+    if constexpr (!std::is_same_v<T, float>) {
+      const __m256 lo = ep_.relu ? _mm256_max_ps(g.lo, _mm256_min_ps(g.z, g.hi)) : g.lo;
+      const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+      const __m256 half = _mm256_set1_ps(0.5f), eps = _mm256_set1_ps(1.0f / (1 << 21));
+      for (; j + 8 <= cols; j += 8) {
+        const __m256 m = _mm256_loadu_ps(m_.data() + col + j), c = _mm256_loadu_ps(c_.data() + col + j);
+        const __m256 abs_c = _mm256_loadu_ps(abs_c_.data() + col + j);
+        for (int64_t i = 0; i < mr; ++i) {
+          const int32_t* a = acc + i * kPanel + j;
+          T* out = base + i * ld + j;
+          const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))), m);
+          const __m256 t = _mm256_add_ps(p, c);
+          const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256 dist = _mm256_and_ps(_mm256_sub_ps(t, r), magnitude);
+          const __m256 bound = _mm256_mul_ps(
+              _mm256_add_ps(_mm256_add_ps(_mm256_and_ps(p, magnitude), _mm256_and_ps(t, magnitude)), abs_c), eps);
+          // Not below 0.5 (or NaN, from an infinite m or c): the float64 route.
+          if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(dist, bound), half, _CMP_LT_OQ)) != 0xff) {
+            exact8<T>(a, col + j, out, g);
+            continue;
+          }
+          pack8(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, g.z), lo), g.hi), out);
+        }
+      }
+    }
+    for (; j + 8 <= cols; j += 8) {  // float32 outputs
+      for (int64_t i = 0; i < mr; ++i) exact8<T>(acc + i * kPanel + j, col + j, base + i * ld + j, g);
+    }
+    const double *scale = ep_.scale + col, *bias = ep_.bias ? ep_.bias + col : nullptr,
+                 *shift = ep_.shift ? ep_.shift + col : nullptr;
+    for (int64_t i = 0; i < mr; ++i) {
+      const int32_t* a = acc + i * kPanel;
+      T* out = base + i * ld;
+      for (int64_t jj = j; jj < cols; ++jj) {
+        double v = static_cast<double>(a[jj]);
+        if (bias) v += bias[jj];
+        v *= scale[jj];
+        if (shift) v += shift[jj];
+        const float f = static_cast<float>(v);
+        out[jj] = store1<T>(ep_.relu ? std::max(f, 0.0f) : f, g);
+      }
+    }
+  }
+
+  const Epilogue& ep_;
+  Output::Type type_;
+  std::vector<float> m_, c_, abs_c_;  // per column, for integer outputs
+};
 
 // Rows per depthwise step: their 8 accumulators, the 2 weight vectors and 4 temporaries fit the
 // 16 ymm registers; the weights are loaded once for all of them.
@@ -424,6 +497,7 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
   if (m == 0 || b.n == 0) return;
   const int64_t taps = b.k, blocks = (b.n + kPanel - 1) / kPanel, steps = (m + kDepthwiseRows - 1) / kDepthwiseRows;
   const int64_t grain = m * b.n * taps < kMinParallelWork ? steps : std::max<int64_t>(1, 4096 / (b.n * taps));
+  const TileStore store(epilogue, y, b.n);
   at::parallel_for(0, steps, grain, [&](int64_t begin, int64_t end) {
     std::vector<const int16_t*> starts(static_cast<size_t>(kDepthwiseRows * taps));
     alignas(32) int32_t acc[kDepthwiseRows * kPanel];
@@ -435,7 +509,7 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t col = blk * kPanel;
         depthwise_block(starts.data(), taps, col, b.panels.data() + blk * (b.kp / 2) * kPanel * 2, acc);
-        store_tile(acc, rows, col, std::min(kPanel, b.n - col), epilogue, y.at(first, col));
+        store(acc, rows, col, std::min(kPanel, b.n - col), y.at(first, col));
       }
     }
   });
@@ -547,6 +621,7 @@ void winograd_from(int64_t batch, const Pixel* x, int64_t in_h, int64_t in_w, in
       std::max<int64_t>(1, std::min<int64_t>({fits_l2, 8 * kTileRows, per_thread + kTileRows - 1}) / kTileRows) *
       kTileRows;
   const int64_t chunks = (blocks + chunk - 1) / chunk;
+  const TileStore store(epilogue, y, n);
   at::parallel_for(0, chunks, threads == 1 ? chunks : 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> u(static_cast<size_t>(P * chunk * cp));
     // Pixels in the padding or past the edge (odd output sizes).
@@ -610,9 +685,9 @@ void winograd_from(int64_t batch, const Pixel* x, int64_t in_h, int64_t in_w, in
           for (int64_t i = 0; i < tile_blocks;) {
             const BlockOrigin& blk = origins[t + i];
             const int64_t run = std::min(tile_blocks - i, blocks_w - blk.ox / 2), width = std::min(2 * run, out_w - blk.ox);
-            store_tile(out[0] + 2 * i * kPanel, width, col, cols, epilogue, y.at(blk.row, col));
+            store(out[0] + 2 * i * kPanel, width, col, cols, y.at(blk.row, col));
             if (blk.oy + 1 < out_h) {
-              store_tile(out[1] + 2 * i * kPanel, width, col, cols, epilogue, y.at(blk.row + out_w, col));
+              store(out[1] + 2 * i * kPanel, width, col, cols, y.at(blk.row + out_w, col));
             }
             i += run;
           }
@@ -670,6 +745,7 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
   const int64_t slices = std::min<int64_t>(panels, std::max<int64_t>(1, threads / blocks));
   const int64_t per_slice = (panels + slices - 1) / slices;
   const int64_t tile_starts = segments * kTileRows;
+  const TileStore store(epilogue, y, b.n);
   at::parallel_for(0, blocks * slices, threads == 1 ? blocks * slices : 1, [&](int64_t begin, int64_t end) {
     // starts[t * tile_starts + s * 6 + i]: run s of row i of the block's tile t.
     std::vector<const int16_t*> starts(static_cast<size_t>(block_rows / kTileRows * tile_starts));
@@ -706,7 +782,7 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
         } else {
           tile_row(tile_rows, segments, pairs, b.panels.data() + offset, acc);
         }
-        store_tile(acc, mr, col, std::min(kPanel, b.n - col), epilogue, y.at(first + i, col));
+        store(acc, mr, col, std::min(kPanel, b.n - col), y.at(first + i, col));
       };
       if (panel_outer) {
         for (int64_t p = p_begin; p < p_end; ++p) {
