@@ -433,6 +433,11 @@ def test_unpack_int4_values_and_errors(device):
         assert torch.equal(y.cpu(), _nibbles(every_byte.cpu(), n))
     q = torch.randint(-8, 8, (2, 3, 5), dtype=torch.int8)
     assert torch.equal(torch.ops.qatx.unpack_int4(qatx.nn.quantized.pack_int4(q).to(device), 5).cpu(), q)
+    strided = every_byte.t()[:, ::2]  # not contiguous: 64 rows of 2 bytes
+    assert torch.equal(torch.ops.qatx.unpack_int4(strided, 3).cpu(), _nibbles(strided.cpu().contiguous(), 3))
+    for empty, n in (((0, 4), 8), ((3, 0), 0)):
+        y = torch.ops.qatx.unpack_int4(torch.zeros(empty, dtype=torch.uint8, device=device), n)
+        assert y.shape == (empty[0], n) and y.dtype == torch.int8
     with pytest.raises(RuntimeError, match="packed must be uint8"):
         torch.ops.qatx.unpack_int4(q.to(device), 5)
     for n in (9, 6, -1):

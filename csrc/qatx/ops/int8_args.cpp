@@ -330,9 +330,9 @@ std::vector<c10::SymInt> unpack_int4_shape(const at::Tensor& packed, int64_t n) 
   TORCH_CHECK(packed.scalar_type() == at::kByte, "qatx::unpack_int4: packed must be uint8 (two 4-bit values per byte), got ",
               packed.scalar_type());
   TORCH_CHECK(packed.dim() >= 1, "qatx::unpack_int4: packed must have at least one dimension");
-  TORCH_CHECK(n >= 0, "qatx::unpack_int4: n must be 2 * packed.size(-1) - 1 or 2 * packed.size(-1), got n=", n);
   const c10::SymInt bytes = packed.sym_size(-1);
-  TORCH_SYM_CHECK((bytes * 2 - 1).sym_le(n).sym_and(c10::SymInt(n).sym_le(bytes * 2)),
+  // n >= 0 too: with no bytes, 2 * 0 - 1 = -1 would pass.
+  TORCH_SYM_CHECK(c10::SymBool(n >= 0).sym_and((bytes * 2 - 1).sym_le(n)).sym_and(c10::SymInt(n).sym_le(bytes * 2)),
                   "qatx::unpack_int4: n must be 2 * packed.size(-1) - 1 or 2 * packed.size(-1), got n=", n,
                   " for packed.size(-1)=", bytes);
   std::vector<c10::SymInt> shape(packed.sym_sizes().begin(), packed.sym_sizes().end());

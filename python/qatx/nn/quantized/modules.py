@@ -63,8 +63,9 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_int4`: int8 ``[..., n]`` from uint8 ``[..., ceil(n / 2)]``
-    (``qatx::unpack_int4``). On the CPU the same tensor comes back while ``packed`` is unchanged,
-    so a 4-bit layer's packed weight stays cached between calls; do not change it in place."""
+    (``qatx::unpack_int4``). On the CPU the same tensor comes back while ``packed`` and it are
+    unchanged, so a 4-bit layer's packed weight stays cached between calls; after an in-place
+    change to either, fresh values are made."""
     return torch.ops.qatx.unpack_int4(packed, n)
 
 
