@@ -343,20 +343,25 @@ QATX_AVX2 inline __m128 four(__m128i a, const double* scale, const double* bias,
 // The epilogue into an integer grid in float32: t = float32(acc) * m + c, with m = scale / s_out
 // and c = (bias * scale + shift) / s_out per column, is the reference's rint argument
 // q = float32(float32(y) * inv_scale) up to rounding errors, and rint(t) = rint(q) unless a
-// half-integer lies between them. Both are within 3.01 * 2^-24 (|t| + |p| + |c|) + 2^-51 (the
-// float64 terms) + 2^-22 (float32 underflow) of the exact (acc + bias) * scale * inv + shift * inv
-// (p = float32(acc) * m), so `bound` = 2^-21 (|p| + |t| + abs_c) with abs_c = |c| + |bias * scale
-// * inv| + |shift * inv| + 2 covers their distance: t at least `bound` from every half-integer
-// rounds as q does, and the other vectors (about 1 in 3000 measured) take the float64 route. The
-// clamp, and ReLU as a lower clamp at the zero point's code (quantizing is monotone, so
-// quantize(max(y, 0)) = max(quantize(y), quantize(0))), then give the reference's integer.
+// half-integer lies between them. Both are within 3.01 * 2^-24 (|t| + |p|) + 2^-24 |c| + 2^-51
+// (the float64 terms) + 2^-22 (float32 underflow) of the exact (acc + bias) * scale * inv +
+// shift * inv (p = float32(acc) * m); with |t| <= |p| + |c| that is below
+// bound = 2^-20 (|p| + |c| + |bias * scale * inv| + |shift * inv| + 2). So t whose distance to
+// the nearest integer is below 0.5 - bound rounds as q does; the other vectors (about 1 in 3000
+// measured) take the float64 route. The clamp, and ReLU as a lower clamp at the zero point's
+// code (quantizing is monotone, so quantize(max(y, 0)) = max(quantize(y), quantize(0))), then give
+// the reference's integer.
 class TileStore {
  public:
   TileStore(const Epilogue& ep, const Output& y, int64_t n) : ep_(ep), type_(y.type) {
     if (type_ == Output::Type::Float) return;
+    // The grid is the whole of uint8 / int8: the packing's saturation is the clamp (a vector that
+    // passes the bound has |t| < 2^20, so t + z converts to int32 exactly).
+    full_range_ = type_ == Output::Type::UInt8 ? y.quant_min == 0.0f && y.quant_max == 255.0f
+                                               : y.quant_min == -128.0f && y.quant_max == 127.0f;
     m_.resize(static_cast<size_t>(n));
     c_.resize(static_cast<size_t>(n));
-    abs_c_.resize(static_cast<size_t>(n));
+    limit_.resize(static_cast<size_t>(n));
     const double inv = y.inv_scale;
     // Beyond float32's range: infinity, which sends every vector of the column the float64 route.
     auto narrow = [](double v) {
@@ -367,7 +372,9 @@ class TileStore {
       const double bias = ep.bias ? ep.bias[j] * ep.scale[j] * inv : 0.0, shift = ep.shift ? ep.shift[j] * inv : 0.0;
       m_[j] = narrow(ep.scale[j] * inv);
       c_[j] = narrow(bias + shift);
-      abs_c_[j] = narrow(std::abs(static_cast<double>(c_[j])) + std::abs(bias) + std::abs(shift) + 2.0);
+      const double terms = std::abs(static_cast<double>(c_[j])) + std::abs(bias) + std::abs(shift) + 2.0;
+      limit_[j] = std::isfinite(terms) ? static_cast<float>(0.5 - std::ldexp(terms, -20))
+                                       : -std::numeric_limits<float>::infinity();
     }
   }
 
@@ -404,26 +411,37 @@ class TileStore {
     int64_t j = 0;
     if constexpr (!std::is_same_v<T, float>) {
       const __m256 lo = ep_.relu ? _mm256_max_ps(g.lo, _mm256_min_ps(g.z, g.hi)) : g.lo;
+      const T zero_code = static_cast<T>(std::min(std::max(y.zero_point, y.quant_min), y.quant_max));
+      const __m128i relu_floor = _mm_set1_epi8(static_cast<char>(zero_code));
       const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-      const __m256 half = _mm256_set1_ps(0.5f), eps = _mm256_set1_ps(1.0f / (1 << 21));
+      const __m256 eps = _mm256_set1_ps(1.0f / (1 << 20));
       for (; j + 8 <= cols; j += 8) {
         const __m256 m = _mm256_loadu_ps(m_.data() + col + j), c = _mm256_loadu_ps(c_.data() + col + j);
-        const __m256 abs_c = _mm256_loadu_ps(abs_c_.data() + col + j);
+        const __m256 limit = _mm256_loadu_ps(limit_.data() + col + j);
         for (int64_t i = 0; i < mr; ++i) {
           const int32_t* a = acc + i * kPanel + j;
           T* out = base + i * ld + j;
           const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))), m);
           const __m256 t = _mm256_add_ps(p, c);
           const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          const __m256 dist = _mm256_and_ps(_mm256_sub_ps(t, r), magnitude);
-          const __m256 bound = _mm256_mul_ps(
-              _mm256_add_ps(_mm256_add_ps(_mm256_and_ps(p, magnitude), _mm256_and_ps(t, magnitude)), abs_c), eps);
-          // Not below 0.5 (or NaN, from an infinite m or c): the float64 route.
-          if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(dist, bound), half, _CMP_LT_OQ)) != 0xff) {
+          const __m256 dist = _mm256_add_ps(_mm256_and_ps(_mm256_sub_ps(t, r), magnitude),
+                                            _mm256_mul_ps(_mm256_and_ps(p, magnitude), eps));
+          // Not below the limit (or NaN, from an infinite m or c): the float64 route.
+          if (_mm256_movemask_ps(_mm256_cmp_ps(dist, limit, _CMP_LT_OQ)) != 0xff) {
             exact8<T>(a, col + j, out, g);
             continue;
           }
-          pack8(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, g.z), lo), g.hi), out);
+          if (full_range_) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_add_ps(r, g.z));
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+            if (ep_.relu) {
+              bytes = std::is_same_v<T, uint8_t> ? _mm_max_epu8(bytes, relu_floor) : _mm_max_epi8(bytes, relu_floor);
+            }
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
+          } else {
+            pack8(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, g.z), lo), g.hi), out);
+          }
         }
       }
     }
@@ -448,7 +466,8 @@ class TileStore {
 
   const Epilogue& ep_;
   Output::Type type_;
-  std::vector<float> m_, c_, abs_c_;  // per column, for integer outputs
+  bool full_range_ = false;
+  std::vector<float> m_, c_, limit_;  // per column, for integer outputs
 };
 
 // Rows per depthwise step: their 8 accumulators, the 2 weight vectors and 4 temporaries fit the
