@@ -329,6 +329,48 @@ def test_convolution_int8_strided_pointwise_is_exact(case, input_kind, layout):
     assert_close_epilogue(qatx.convolution_int8(q, *args), ref_conv(x, *args))
 
 
+DEPTHWISE_CODES_CASES = [
+    # (dim, channels, spatial size, kernel, stride, padding, dilation)
+    (2, 32, (9, 10), 3, 2, 1, 1),     # stride 2: read in place
+    (2, 16, (7, 11), (3, 5), (2, 1), (2, 0), (1, 2)),  # padding in one dimension only, dilation
+    (1, 48, (13,), 5, 3, 2, 1),
+    (3, 16, (4, 5, 6), 3, (1, 2, 1), 1, 1),
+    (2, 16, (2, 2), 3, 2, 2, 1),      # windows mostly in the padding
+    (2, 16, (9, 8), 3, 1, 1, 1),      # stride 1: the int16 copy
+]
+
+
+@pytest.mark.parametrize("case", range(len(DEPTHWISE_CODES_CASES)))
+@pytest.mark.parametrize("codes", ["uint8", "int8", "uint8_narrow"])
+def test_convolution_int8_depthwise_reads_codes_in_place(case, codes):
+    """Strided depthwise layers over 16k channels whose quant range is the codes' whole type read
+    channels-last integer codes in place (no int16 copy; the zero point comes off through the bias,
+    taps in the padding read a pixel of zero-point codes): the same bits as the exact integer
+    reference, also as a quantized output. A narrower range (codes outside it are clamped) or
+    stride 1 takes the int16 copy instead, with the same bits."""
+    d, c, size, k, stride, pad, dil = DEPTHWISE_CODES_CASES[case]
+    tup = (lambda v: list(v) if isinstance(v, tuple) else [v] * d)
+    k, stride, pad, dil = tup(k), tup(stride), tup(pad), tup(dil)
+    gen = torch.Generator().manual_seed(500 + case)
+    qmin, qmax, zero, dtype = {"uint8": (0, 255, 130, torch.uint8), "int8": (-128, 127, -7, torch.int8),
+                               "uint8_narrow": (3, 250, 251 // 2, torch.uint8)}[codes]
+    s, z = torch.tensor([0.03]), torch.tensor([zero], dtype=torch.int32)
+    info = torch.iinfo(dtype)
+    q = torch.randint(info.min, info.max + 1, (3, c) + size, generator=gen, dtype=dtype)
+    q = q.permute([0] + list(range(2, d + 2)) + [1]).contiguous().permute([0, d + 1] + list(range(1, d + 1)))
+    x = (q.long().clamp(qmin, qmax).float() - zero) * s  # the real values the (clamped) codes encode
+    w = torch.randint(-128, 128, [c, 1] + k, generator=gen, dtype=torch.int8)
+    sw, zw = qparams(gen, c, True, asymmetric=True)
+    bias = torch.randint(-3000, 3000, (c,), generator=gen, dtype=torch.int32)
+    for relu in (False, True):
+        args = (s, z, qmin, qmax, w, sw, zw, bias, stride, pad, dil, False, [0] * d, c, relu)
+        ref = ref_conv(x, *args)
+        assert_close_epilogue(qatx.convolution_int8(q, *args), ref)
+        out_s, out_z = torch.tensor([0.2]), torch.tensor([-5], dtype=torch.int32)
+        y = qatx.convolution_int8(q, *args, out_s, out_z, -128, 127)
+        assert torch.equal(y.long(), ref_quantize(ref, out_s, out_z, -128, 127))
+
+
 @pytest.mark.parametrize("weight_zero_point", [0, 127])
 def test_convolution_int8_winograd_extremes_and_bound(weight_zero_point):
     """The Winograd route at its largest transformed values (inputs and weights at the ends of

@@ -470,25 +470,55 @@ class TileStore {
   std::vector<float> m_, c_, limit_;  // per column, for integer outputs
 };
 
+// A pixel's centered channels: stored centered (int16), or integer codes (uint8 / int8) clamped
+// to the quant range and centered as they are loaded (the codes' own range: no int16 copy of the
+// input is written and read back). `fill` is a pixel whose centered channels are 0.
+template <typename Pixel>
+struct CenteredPixels {
+  QATX_AVX2 __m256i operator()(const Pixel* p) const {  // 16 channels
+    if constexpr (std::is_same_v<Pixel, int16_t>) {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else {
+      return centered16(p, codes);
+    }
+  }
+  int32_t one(const Pixel* p) const {
+    if constexpr (std::is_same_v<Pixel, int16_t>) return *p;
+    return centered1(*p, codes);
+  }
+  Pixel fill() const { return std::is_same_v<Pixel, int16_t> ? 0 : static_cast<Pixel>(codes.zero_point); }
+  Centerer codes;  // unused for int16
+};
+
+// Integer codes (uint8 / int8) widened to int16 as they are: no clamp, no centering.
+template <typename Code>
+struct WidenedCodes {
+  QATX_AVX2 __m256i operator()(const Code* p) const {  // 16 channels
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return std::is_same_v<Code, uint8_t> ? _mm256_cvtepu8_epi16(v) : _mm256_cvtepi8_epi16(v);
+  }
+};
+
 // Rows per depthwise step: their 8 accumulators, the 2 weight vectors and 4 temporaries fit the
 // 16 ymm registers; the weights are loaded once for all of them.
 constexpr int64_t kDepthwiseRows = 4;
 
 // Depthwise accumulators of kDepthwiseRows rows for one block of 16 channels: acc[i * 16 + j] is
 // row i, channel j of the block. starts[i * taps + t]: row i's tap t.
-QATX_AVX2 void depthwise_block(const int16_t* const* starts, int64_t taps, int64_t channel, const int16_t* panel,
-                               int32_t* acc) {
+template <typename Pixel, typename Load>
+QATX_AVX2 void depthwise_block(const Pixel* const* starts, int64_t taps, int64_t channel, const int16_t* panel,
+                               const Load& load, int32_t* acc) {
   __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
   for (int64_t t = 0; t < taps; t += 2, panel += 2 * kPanel) {
     const __m256i wlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel));
     const __m256i whi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kPanel));
     const int64_t t1 = t + 1 < taps ? t + 1 : t;  // an odd last tap meets zero weights
-#define QATX_DW_ROW(i, lo, hi)                                                                                \
-  {                                                                                                          \
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(starts[i * taps + t] + channel));  \
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(starts[i * taps + t1] + channel)); \
-    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), wlo));                         \
-    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), whi));                         \
+#define QATX_DW_ROW(i, lo, hi)                                                      \
+  {                                                                                \
+    const __m256i a = load(starts[i * taps + t] + channel);                        \
+    const __m256i b = load(starts[i * taps + t1] + channel);                       \
+    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), wlo)); \
+    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), whi)); \
   }
     QATX_DW_ROW(0, lo0, hi0)
     QATX_DW_ROW(1, lo1, hi1)
@@ -508,17 +538,16 @@ QATX_AVX2 void depthwise_block(const int16_t* const* starts, int64_t taps, int64
   _mm256_storeu_si256(out + 7, _mm256_permute2x128_si256(lo3, hi3, 0x31));
 }
 
-}  // namespace
-#endif
-
-void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, const Output& y) {
-#if QATX_INT16_GEMM
+// depthwise() over pixels of Pixel loaded 16 channels at a time by `load`.
+template <typename Pixel, typename Load>
+void depthwise_from(int64_t m, const PackedB& b, const std::function<void(int64_t, const Pixel**)>& locate,
+                    const Load& load, const Epilogue& epilogue, const Output& y) {
   if (m == 0 || b.n == 0) return;
   const int64_t taps = b.k, blocks = (b.n + kPanel - 1) / kPanel, steps = (m + kDepthwiseRows - 1) / kDepthwiseRows;
   const int64_t grain = m * b.n * taps < kMinParallelWork ? steps : std::max<int64_t>(1, 4096 / (b.n * taps));
   const TileStore store(epilogue, y, b.n);
   at::parallel_for(0, steps, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const int16_t*> starts(static_cast<size_t>(kDepthwiseRows * taps));
+    std::vector<const Pixel*> starts(static_cast<size_t>(kDepthwiseRows * taps));
     alignas(32) int32_t acc[kDepthwiseRows * kPanel];
     for (int64_t step = begin; step < end; ++step) {
       const int64_t first = step * kDepthwiseRows, rows = std::min(kDepthwiseRows, m - first);
@@ -527,16 +556,40 @@ void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilo
       }
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t col = blk * kPanel;
-        depthwise_block(starts.data(), taps, col, b.panels.data() + blk * (b.kp / 2) * kPanel * 2, acc);
+        depthwise_block(starts.data(), taps, col, b.panels.data() + blk * (b.kp / 2) * kPanel * 2, load, acc);
         store(acc, rows, col, std::min(kPanel, b.n - col), y.at(first, col));
       }
     }
   });
+}
+
+}  // namespace
+#endif
+
+void depthwise(int64_t m, const PackedB& b, const LocateRow& locate, const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  depthwise_from(m, b, locate, CenteredPixels<int16_t>{}, epilogue, y);
 #else
   (void)m, (void)b, (void)locate, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::depthwise needs an x86-64 CPU with AVX2");
 #endif
 }
+
+template <typename Code>
+void depthwise(int64_t m, const PackedB& b, const std::function<void(int64_t, const Code**)>& locate,
+               const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  TORCH_INTERNAL_ASSERT(b.n % kPanel == 0, "int16_gemm::depthwise: integer codes need a multiple of 16 channels");
+  depthwise_from(m, b, locate, WidenedCodes<Code>{}, epilogue, y);
+#else
+  (void)m, (void)b, (void)locate, (void)epilogue, (void)y;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::depthwise needs an x86-64 CPU with AVX2");
+#endif
+}
+template void depthwise(int64_t, const PackedB&, const std::function<void(int64_t, const uint8_t**)>&,
+                        const Epilogue&, const Output&);
+template void depthwise(int64_t, const PackedB&, const std::function<void(int64_t, const int8_t**)>&,
+                        const Epilogue&, const Output&);
 
 #if QATX_INT16_GEMM
 namespace {
@@ -547,26 +600,6 @@ struct Ops16 {  // inlined into their AVX2 callers
 struct Ops32 {
   QATX_AVX2 __m256i add(__m256i a, __m256i b) const { return _mm256_add_epi32(a, b); }
   QATX_AVX2 __m256i sub(__m256i a, __m256i b) const { return _mm256_sub_epi32(a, b); }
-};
-
-// A pixel's centered channels: stored centered (int16), or integer codes (uint8 / int8) clamped
-// to the quant range and centered as they are loaded (the codes' own range: no int16 copy of the
-// input is written and read back). `fill` is a pixel whose centered channels are 0.
-template <typename Pixel>
-struct CenteredPixels {
-  QATX_AVX2 __m256i operator()(const Pixel* p) const {  // 16 channels
-    if constexpr (std::is_same_v<Pixel, int16_t>) {
-      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    } else {
-      return centered16(p, codes);
-    }
-  }
-  int32_t one(const Pixel* p) const {
-    if constexpr (std::is_same_v<Pixel, int16_t>) return *p;
-    return centered1(*p, codes);
-  }
-  Pixel fill() const { return std::is_same_v<Pixel, int16_t> ? 0 : static_cast<Pixel>(codes.zero_point); }
-  Centerer codes;  // unused for int16
 };
 
 // The patch's transformed values of channels [0, cp), position p's at u + p * stride (16 channels

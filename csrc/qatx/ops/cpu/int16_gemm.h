@@ -110,6 +110,16 @@ struct Centerer {
   void operator()(const int8_t* q, int16_t* dst, int64_t n) const;
 };
 
+// depthwise() over integer codes as they are (Code: uint8_t or int8_t; b.n a multiple of 16, so
+// no read passes a pixel's channels): y[r, c] = epilogue(sum_t q_t[c] * w[c, t]), the codes
+// widened to int16 as they are read (no int16 copy of the input). locate(r, starts) sets
+// starts[t] to tap t's pixel. The caller keeps the codes inside the quant range, folds the zero
+// point into the epilogue's bias (-z * sum_t w[c, t]), points taps in the padding at a pixel of
+// zero-point codes, and checks the int32 bound for |q| (not |q - z|).
+template <typename Code>
+void depthwise(int64_t m, const PackedB& b, const std::function<void(int64_t, const Code**)>& locate,
+               const Epilogue& epilogue, const Output& y);
+
 // winograd() straight from integer codes (Code: uint8_t or int8_t): q holds `batch` images of
 // in_h x in_w pixels of b's cp channels (channels last, dense), centered by `codes` as they are
 // read, inside zero padding that is not stored (pad_h rows above and below, pad_w columns on
