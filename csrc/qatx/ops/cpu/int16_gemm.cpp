@@ -421,7 +421,8 @@ class TileStore {
         for (int64_t i = 0; i < mr; ++i) {
           const int32_t* a = acc + i * kPanel + j;
           T* out = base + i * ld + j;
-          const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))), m);
+          const __m256i a8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+          const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(a8), m);
           const __m256 t = _mm256_add_ps(p, c);
           const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           const __m256 dist = _mm256_add_ps(_mm256_and_ps(_mm256_sub_ps(t, r), magnitude),

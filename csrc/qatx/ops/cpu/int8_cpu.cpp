@@ -424,8 +424,9 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
   // int32 bound holds for |q| <= 255 as it did for |q - z| <= 255. Widening each code once per
   // tap read instead of once in a copy pays at stride 2 (2.25 reads per pixel: 0.57-0.87x the
   // time at batch 64), not at stride 1 (9 reads: 1.01-1.07x).
-  const bool whole_type = x.scalar_type() == at::kByte ? quant_min == 0 && quant_max == 255
-                                                        : x.scalar_type() == at::kChar && quant_min == -128 && quant_max == 127;
+  const bool whole_type = x.scalar_type() == at::kByte   ? quant_min == 0 && quant_max == 255
+                          : x.scalar_type() == at::kChar ? quant_min == -128 && quant_max == 127
+                                                         : false;
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t s) { return s > 1; });
   if (depthwise && strided && c_in % 16 == 0 && x.is_contiguous() && whole_type &&
       static_cast<double>(packed->front().k) * 255.0 * packed->front().max_abs <= 2147483647.0) {
