@@ -778,9 +778,12 @@ template void winograd(int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64
 template void winograd(int64_t, const int8_t*, int64_t, int64_t, int64_t, int64_t, const Centerer&,
                        const PackedWinograd&, const Epilogue&, const Output&);
 
-void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
-          const Output& y) {
 #if QATX_INT16_GEMM
+namespace {
+// gemm() with the row locator as a type (a lambda is inlined; std::function costs a call per row).
+template <typename Locate>
+void gemm_rows(int64_t m, const PackedB& b, int64_t segments, const Locate& locate, const Epilogue& epilogue,
+               const Output& y) {
   if (m == 0 || b.n == 0) return;
   TORCH_INTERNAL_ASSERT(segments > 0 && b.kp % (2 * segments) == 0, "int16_gemm: K must split into even runs");
   const int64_t panels = (b.n + kPanel - 1) / kPanel, pairs = b.kp / 2 / segments;
@@ -848,8 +851,25 @@ void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate
       }
     }
   });
+}
+}  // namespace
+#endif
+
+void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
+          const Output& y) {
+#if QATX_INT16_GEMM
+  gemm_rows(m, b, segments, locate, epilogue, y);
 #else
   (void)m, (void)b, (void)segments, (void)locate, (void)epilogue, (void)y;
+  TORCH_INTERNAL_ASSERT(false, "int16_gemm::gemm needs an x86-64 CPU with AVX2");
+#endif
+}
+
+void gemm(int64_t m, const PackedB& b, const int16_t* a, int64_t lda, const Epilogue& epilogue, const Output& y) {
+#if QATX_INT16_GEMM
+  gemm_rows(m, b, 1, [a, lda](int64_t row, const int16_t** starts) { starts[0] = a + row * lda; }, epilogue, y);
+#else
+  (void)m, (void)b, (void)a, (void)lda, (void)epilogue, (void)y;
   TORCH_INTERNAL_ASSERT(false, "int16_gemm::gemm needs an x86-64 CPU with AVX2");
 #endif
 }

@@ -64,6 +64,8 @@ struct Output {
 // y is m x b.n.
 void gemm(int64_t m, const PackedB& b, int64_t segments, const LocateRow& locate, const Epilogue& epilogue,
           const Output& y);
+// gemm() over rows of one run each, row r at a + r * lda (no call per row to locate it).
+void gemm(int64_t m, const PackedB& b, const int16_t* a, int64_t lda, const Epilogue& epilogue, const Output& y);
 
 // Depthwise convolution (one filter per channel): y[r, c] = epilogue(sum_t a_t[c] * w[c, t]) for
 // b.n channels and b.k taps, where locate(r, starts) sets starts[t] to tap t's pixel (b.n int16

@@ -244,8 +244,7 @@ at::Tensor linear_int16(const at::Tensor& input, float s_in, int32_t z_in, int64
   });
   check_no_nan(ok, op);
   const EpilogueTerms e = epilogue_terms(s_in, weight_scale, bias, n);
-  int16_gemm::gemm(m, b, 1, [&](int64_t row, const int16_t** starts) { starts[0] = a + row * b.kp; },
-                   e.at(0, relu), gemm_output(out, n, out_q));
+  int16_gemm::gemm(m, b, a, b.kp, e.at(0, relu), gemm_output(out, n, out_q));
   return out;
 }
 
@@ -522,6 +521,11 @@ at::Tensor convolution_int16(const at::Tensor& input, float s_in, int32_t z_in, 
     return out;
   }
   const int16_gemm::Output y = gemm_output(out, c_out, out_q);
+  if (groups == 1 && segments == 1 && out_plane == padded[0] * padded[1] * padded[2]) {
+    // A 1x1 convolution without padding or stride (as run): row r is pixel r, rows evenly spaced.
+    int16_gemm::gemm(rows, packed->front(), xq, c_stride, e.at(0, relu), y);
+    return out;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     int16_gemm::gemm(rows, (*packed)[g], segments, locate_in_group(g), e.at(g * og, relu), y.at(0, g * og));
   }
