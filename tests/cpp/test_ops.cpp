@@ -763,6 +763,31 @@ TEST_F(OpsTest, Int8ConvolutionWinogradRouteIsExact) {
   EXPECT_TRUE(torch::equal(sum, qatx::ops::quantize_per_tensor_affine(float_route, s_in, z_in, 0, 255, torch::kByte)));
 }
 
+// Strided depthwise convolutions over 16k channels of whole-range codes read the codes in place
+// (the zero point through the bias, padding taps from a pixel of zero-point codes); their bits
+// equal the exact integer sum's epilogue, at the image edges too.
+TEST_F(OpsTest, Int8DepthwiseStridedReadsCodesInPlace) {
+  const QRange in{0, 255};
+  const int64_t c = 32;
+  const Tensor q = torch::randint(0, 256, {2, c, 9, 8}, torch::kByte).contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor s_in = random_scale({1}), z_in = random_zero_point({1}, in);
+  const Tensor w = torch::randint(-128, 128, {c, 1, 3, 3}, torch::kChar);
+  const Tensor sw = random_scale({c}), zw = torch::randint(-20, 20, {c}, torch::kInt);
+  const Tensor bias = torch::randint(-3000, 3000, {c}, torch::kInt);
+  const Tensor acc = torch::conv2d(q.to(torch::kDouble) - z_in.item<int32_t>(),
+                                   w.to(torch::kDouble) - zw.to(torch::kDouble).reshape({c, 1, 1, 1}), {}, 2, 1, 1, c);
+  const Tensor expected = ((acc + bias.to(torch::kDouble).reshape({1, c, 1, 1})) *
+                           (s_in.to(torch::kDouble) * sw.to(torch::kDouble)).reshape({1, c, 1, 1}))
+                              .to(torch::kFloat);
+  const Tensor y = qatx::ops::convolution_int8(q, s_in, z_in, in.qmin, in.qmax, w, sw, zw, bias, {2, 2}, {1, 1},
+                                               {1, 1}, false, {0, 0}, c, false);
+  EXPECT_TRUE(torch::equal(y, expected));
+  const Tensor s_out = random_scale({1}), z_out = random_zero_point({1}, in);
+  const Tensor codes = qatx::ops::convolution_int8(q, s_in, z_in, in.qmin, in.qmax, w, sw, zw, bias, {2, 2}, {1, 1},
+                                                   {1, 1}, false, {0, 0}, c, false, s_out, z_out, 0, 255);
+  EXPECT_TRUE(torch::equal(codes, qatx::ops::quantize_per_tensor_affine(expected, s_out, z_out, 0, 255, torch::kByte)));
+}
+
 // 4-bit weights: every nibble pair of a byte, element 2j from the low nibble; the CPU kernel hands
 // the same tensor back while the packed tensor is unchanged, fresh values after an in-place change.
 TEST_F(OpsTest, UnpackInt4ValuesAndKeptResult) {
