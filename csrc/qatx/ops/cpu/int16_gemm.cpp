@@ -300,13 +300,17 @@ QATX_AVX2 inline Grid grid_of(const Output& y) {
           _mm256_set1_ps(y.quant_max), y.inv_scale, y.zero_point, y.quant_min, y.quant_max};
 }
 
-// Eight clamped, integer-valued codes (float32) packed into T (they pack without saturating).
+// Eight integer-valued float32 codes as T (uint8 / int8) in the low 8 bytes, saturated to T's
+// range; clamped codes pack without saturating.
 template <typename T>
-QATX_AVX2 inline void pack8(__m256 q, T* out) {
+QATX_AVX2 inline __m128i bytes8(__m256 q) {
   const __m256i v = _mm256_cvtps_epi32(q);
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
+  return std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+}
+template <typename T>
+QATX_AVX2 inline void pack8(__m256 q, T* out) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes8<T>(q));
 }
 
 // Eight epilogue results (float32, ReLU applied) stored as T: as they are, or quantized with the
@@ -433,9 +437,7 @@ class TileStore {
             continue;
           }
           if (full_range_) {
-            const __m256i v = _mm256_cvtps_epi32(_mm256_add_ps(r, g.z));
-            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            __m128i bytes = std::is_same_v<T, uint8_t> ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
+            __m128i bytes = bytes8<T>(_mm256_add_ps(r, g.z));
             if (ep_.relu) {
               bytes = std::is_same_v<T, uint8_t> ? _mm_max_epu8(bytes, relu_floor) : _mm_max_epi8(bytes, relu_floor);
             }

@@ -287,10 +287,11 @@ void depthwise_from_codes(const Code* x, int64_t batch, const std::array<int64_t
   const at::Tensor w = weight.reshape({channels, taps}).contiguous();
   const at::Tensor zw = weight_zero_point.to(at::kInt).reshape({-1}).expand({channels}).contiguous();
   if (e.bias.empty()) e.bias.assign(static_cast<size_t>(channels), 0.0);
+  const int8_t* rows = w.const_data_ptr<int8_t>();
+  const int32_t* zero_points = zw.const_data_ptr<int32_t>();
   for (int64_t c = 0; c < channels; ++c) {
-    const int8_t* row = w.const_data_ptr<int8_t>() + c * taps;
-    int64_t sum = 0;
-    for (int64_t t = 0; t < taps; ++t) sum += row[t] - zw.const_data_ptr<int32_t>()[c];
+    int64_t sum = -taps * int64_t{zero_points[c]};  // sum_t (w[c, t] - z_w[c])
+    for (int64_t t = 0; t < taps; ++t) sum += rows[c * taps + t];
     e.bias[c] -= static_cast<double>(int64_t{z_in} * sum);
   }
   const std::vector<Code> fill(static_cast<size_t>(channels), static_cast<Code>(z_in));
